@@ -1,0 +1,1 @@
+"""Input pipelines: the embedded `digits` TFDS dataset, TFDS, image folders."""

@@ -1,0 +1,1 @@
+"""Checkpoint evaluation: exact NLL in bits/dim and sample metrics."""

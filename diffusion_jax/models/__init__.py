@@ -1,0 +1,1 @@
+"""Flax modules: the ADM U-Net, the noisy classifier and GLIDE's text models."""

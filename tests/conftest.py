@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Never reach the network from tests (TFDS GCS lookups etc.).
+os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds"))
+os.environ.setdefault("NO_GCE_CHECK", "true")
