@@ -1,0 +1,243 @@
+"""Building blocks of the ADM U-Net (Dhariwal & Nichol 2021), NHWC.
+
+Every module mirrors one OpenAI PyTorch module, and its Flax submodule names
+mirror the PyTorch state-dict names with "." before an index replaced by "_":
+``in_layers.2`` becomes ``in_layers_2``, ``emb_layers.1`` becomes
+``emb_layers_1``. Leaves are Flax's (``kernel``/``bias`` for convs and dense
+layers, ``scale``/``bias`` for GroupNorm, ``embedding`` for embeddings), so
+``diffusion_jax.convert`` maps a checkpoint onto the tree with one rule.
+
+Dtype policy: parameters are float32; convolutions and the attention matmuls
+run in the compute ``dtype``; GroupNorm statistics, the softmax, the timestep
+embedding and its MLP stay float32 (as OpenAI's fp16 mode keeps them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+_ZEROS = nn.initializers.zeros
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep embedding, OpenAI's layout (cos first), float32.
+
+    Args:
+      timesteps: [B] int or float timesteps (float when rescale_timesteps).
+      dim: embedding width; an odd width gets a trailing zero column.
+      max_period: controls the lowest frequency.
+
+    Returns:
+      [B, dim] float32: ``[cos(t*f_0..f_{h-1}), sin(t*f_0..f_{h-1})]`` with
+      ``h = dim // 2`` and ``f_i = exp(-ln(max_period) * i / h)``.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.Module):
+    """GroupNorm with 32 groups, eps 1e-5, computed in float32 (OpenAI's GroupNorm32).
+
+    Statistics are taken over every axis but the first (batch) within each
+    channel group, so it also serves 2-D inputs ``[B, C]`` (classifier
+    "spatial_v2" head). Output is cast to ``dtype``.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm32: {c} channels not divisible by {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        g = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+        # Two-pass variance (as torch): E[(x - mean)^2], not E[x^2] - mean^2.
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = g.reshape(x.shape) * scale + bias
+        return y.astype(self.dtype)
+
+
+def conv(features: int, dtype, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Conv:
+    """Square conv with PyTorch's symmetric padding ``kernel // 2``; params float32."""
+    pad = kernel // 2
+    kwargs = {"kernel_init": _ZEROS} if zero else {}
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+        **kwargs,
+    )
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour (F.interpolate 'nearest')."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H/2, W/2, C], 2x2 average pool with stride 2."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv (``conv``)."""
+
+    out_channels: int
+    use_conv: bool = True
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv(self.out_channels, self.dtype, name="conv")(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """2x downsampling: stride-2 3x3 conv (``op``) or 2x2 average pool."""
+
+    out_channels: int
+    use_conv: bool = True
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return conv(self.out_channels, self.dtype, stride=2, name="op")(x)
+        return avg_pool2(x)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with timestep conditioning (OpenAI ``ResBlock``).
+
+    ``h = in_layers(x)``; the embedding projection is added (or applied as
+    ``norm(h) * (1 + scale) + shift`` with scale-shift norm); then
+    ``out_layers`` and a skip connection. With ``up``/``down`` (BigGAN style)
+    the non-learned resample sits between the norm-act and the first conv, and
+    is applied to the skip branch too.
+
+    Call: ``block(x [B,H,W,C], emb [B,E], train)`` -> ``[B,H',W',out_channels]``.
+    """
+
+    out_channels: int
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    up: bool = False
+    down: bool = False
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        oc = self.out_channels
+        h = nn.silu(GroupNorm32(dtype=self.dtype, name="in_layers_0")(x))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = avg_pool2(h), avg_pool2(x)
+        h = conv(oc, self.dtype, name="in_layers_2")(h)
+        # The embedding MLP stays float32 (OpenAI's fp16 mode never casts Linear layers).
+        emb_out = nn.Dense(
+            2 * oc if self.use_scale_shift_norm else oc,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            name="emb_layers_1",
+        )(nn.silu(emb))
+        emb_out = emb_out.astype(self.dtype)[:, None, None, :]
+        norm = GroupNorm32(dtype=self.dtype, name="out_layers_0")
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = norm(h) * (1 + scale) + shift
+        else:
+            h = norm(h + emb_out)
+        h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+        h = conv(oc, self.dtype, zero=True, name="out_layers_3")(h)
+        if x.shape[-1] != oc:
+            x = conv(oc, self.dtype, kernel=1, name="skip_connection")(x)
+        return x + h
+
+
+def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """Number of heads an OpenAI attention block uses (num_head_channels wins)."""
+    if num_head_channels != -1:
+        if channels % num_head_channels:
+            raise ValueError(
+                f"attention: {channels} channels not divisible by num_head_channels={num_head_channels}"
+            )
+        return channels // num_head_channels
+    if num_heads < 1 or channels % num_heads:
+        raise ValueError(f"attention: {channels} channels not divisible by num_heads={num_heads}")
+    return num_heads
+
+
+def qkv_attention(qkv: jax.Array, num_heads: int, legacy: bool) -> jax.Array:
+    """Multi-head self-attention over a fused qkv projection.
+
+    Args:
+      qkv: [B, T, 3C], the output of the 1x1 ``qkv`` projection.
+      num_heads: heads; each has ``C // num_heads`` channels.
+      legacy: channel layout of ``qkv``. True (improved-diffusion, guided
+        ``QKVAttentionLegacy``, GLIDE): ``[heads, 3, ch]`` - heads first, then
+        q/k/v within each head. False (guided ``QKVAttention``, also
+        ``AttentionPool2d``): ``[3, heads, ch]``.
+
+    Returns:
+      [B, T, C] with channel layout ``[heads, ch]``. The logits are scaled by
+      ``1/sqrt(ch)`` (OpenAI scales q and k by ``ch^-1/4`` each) and the
+      softmax runs in float32.
+    """
+    b, t, width = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy:
+        qkv = qkv.reshape(b, t, num_heads, 3, ch)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    else:
+        qkv = qkv.reshape(b, t, 3, num_heads, ch)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
+    return out.reshape(b, t, num_heads * ch)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention with a residual connection (OpenAI ``AttentionBlock``).
+
+    Submodules ``norm`` (GroupNorm32), ``qkv`` and ``proj_out`` (1x1 conv1d in
+    PyTorch, Dense here). Call: ``block(x [B,H,W,C])`` -> ``[B,H,W,C]``.
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_new_attention_order: bool = False
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hh, ww, c = x.shape
+        heads = attention_heads(c, self.num_heads, self.num_head_channels)
+        h = GroupNorm32(dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
+        h = qkv_attention(qkv, heads, legacy=not self.use_new_attention_order)
+        h = nn.Dense(
+            c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_ZEROS, name="proj_out"
+        )(h)
+        return x + h.reshape(b, hh, ww, c)
