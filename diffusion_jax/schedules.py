@@ -155,7 +155,9 @@ def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     """
     betas = np.asarray(betas, np.float64)
     if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
-        raise ValueError("betas must be a 1-D array with values in (0, 1]")
+        raise ValueError(
+            "betas must be a 1-D array with values in (0, 1] (a 'linear' schedule needs at least 20 steps: "
+            "its last beta is 0.02 * 1000 / T)")
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas, axis=0)
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])

@@ -1,0 +1,296 @@
+"""Tests for diffusion_jax.models: parity with OpenAI's PyTorch networks and invariants."""
+
+import functools
+import json
+import os
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import convert, models
+from diffusion_jax.models import layers, unet
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
+NETS = ("idiff_pub", "gdiff_unet_pub", "gdiff_cls_pub")
+_OPENAI_ONLY = ("conv_resample", "dims", "use_fp16")
+
+try:
+    import torch
+except ImportError:  # torch is optional (diffusion_jax[torch]).
+    torch = None
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_model(name: str):
+    """(kind, model kwargs, module) built from the fixture's exact constructor kwargs."""
+    with open(os.path.join(DATA, f"unet_{name}.json")) as f:
+        meta = json.load(f)
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["constructor_kwargs"].items()}
+    for k in _OPENAI_ONLY:
+        kw.pop(k, None)
+    kw["image_size"] = meta["input_image_size"]
+    kind = "classifier" if meta["class"].endswith("EncoderUNetModel") else "unet"
+    return kind, kw, models.build_model(kind, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_params(name: str, source: str):
+    kind, kw, module = fixture_model(name)
+    path = os.path.join(DATA, f"unet_{name}_weights.npz" if source == "npz" else f"unet_{name}.pt")
+    return convert.params_from_state_dict(module, kind, kw, convert.load_state_dict(path))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(name: str):
+    return jax.jit(fixture_model(name)[2].apply)
+
+
+def fixture_io(name: str):
+    io = np.load(os.path.join(DATA, f"unet_{name}_io.npz"))
+    return {k: io[k] for k in io.files if not k.startswith(("loop", "features", "train_step"))}
+
+
+def nchw(a):
+    a = np.asarray(a)
+    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
+
+
+class TimestepEmbeddingTest(parameterized.TestCase):
+    @parameterized.parameters(
+        ("dim32_maxp10000", 32, 10000),
+        ("dim33_maxp10000", 33, 10000),
+        ("dim128_maxp10000", 128, 10000),
+        ("dim16_maxp100", 16, 100),
+    )
+    def test_matches_openai(self, key, dim, max_period):
+        m = np.load(os.path.join(DATA, "math.npz"))
+        fn = jax.jit(layers.timestep_embedding, static_argnums=(1, 2))
+        got = fn(m["timestep_embedding/timesteps"], dim, max_period)
+        self.assertEqual(got.dtype, jnp.float32)
+        np.testing.assert_allclose(got, m[f"timestep_embedding/{key}"], atol=1e-4, rtol=0)
+
+    def test_int_timesteps(self):
+        m = np.load(os.path.join(DATA, "math.npz"))
+        t = m["timestep_embedding/timesteps_int"].astype(np.int32)
+        got = layers.timestep_embedding(t, 32)
+        np.testing.assert_allclose(got, m["timestep_embedding/int_dim32_maxp10000"], atol=1e-4, rtol=0)
+
+
+class ParityTest(parameterized.TestCase):
+    """Forward outputs against OpenAI's PyTorch networks (random weights, every layer live)."""
+
+    @parameterized.product(name=NETS, source=("npz", "pt"), timesteps=("int", "float"))
+    def test_forward(self, name, source, timesteps):
+        if source == "pt" and torch is None:
+            self.skipTest("torch not installed")
+        kind, _, _ = fixture_model(name)
+        params = fixture_params(name, source)
+        io = fixture_io(name)
+        x = io["inputs/x"].transpose(0, 2, 3, 1)
+        t = io[f"inputs/timesteps_{timesteps}"]
+        t = t.astype(np.int32) if timesteps == "int" else t
+        args = (x, t) if kind == "classifier" else (x, t, io["inputs/y"].astype(np.int32))
+        out = jitted_apply(name)({"params": params}, *args)
+        self.assertEqual(out.dtype, jnp.float32)
+        np.testing.assert_allclose(nchw(out), io[f"outputs/out_timesteps_{timesteps}"], atol=1e-4, rtol=1e-4)
+
+    def test_pt_and_npz_params_identical(self):
+        if torch is None:
+            self.skipTest("torch not installed")
+        for name in NETS:
+            a, b = fixture_params(name, "npz"), fixture_params(name, "pt")
+            jax.tree.map(np.testing.assert_array_equal, a, b)
+
+    def test_classifier_input_gradient(self):
+        name = "gdiff_cls_pub"
+        _, _, module = fixture_model(name)
+        params = fixture_params(name, "npz")
+        io = fixture_io(name)
+        x = io["inputs/x"].transpose(0, 2, 3, 1)
+        t, y = io["inputs/timesteps_int"].astype(np.int32), io["inputs/y"].astype(np.int32)
+
+        def log_p(xx):
+            logits = module.apply({"params": params}, xx, t)
+            return jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y])
+
+        g = jax.jit(jax.grad(log_p))(x)
+        want = io["outputs/grad_log_softmax_y_wrt_x"]
+        np.testing.assert_allclose(nchw(g), want, atol=1e-4 * np.abs(want).max(), rtol=1e-4)
+
+
+def tiny_unet(**kw):
+    base = dict(
+        image_size=8, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(2,),
+        channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, num_classes=3,
+    )
+    return models.UNet(**dict(base, **kw))
+
+
+def init(module, *args):
+    return jax.jit(module.init)(jax.random.key(0), *args)["params"]
+
+
+class UNetBehaviourTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        k1, k2 = jax.random.split(jax.random.key(1))
+        self.x = jax.random.normal(k1, (2, 8, 8, 3))
+        self.t = jnp.array([3, 500], jnp.int32)
+        self.y = jnp.array([0, 2], jnp.int32)
+
+    def _random_params(self, module, *args):
+        # Replace the zero-initialised output layers so every layer is live.
+        params = init(module, *args)
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(7), len(leaves))
+        leaves = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+        return jax.tree.unflatten(tree, leaves)
+
+    def test_bf16_close_to_float32(self):
+        # Measured on the three parity networks (32 px): relative L2 error
+        # 0.6-1.7%, max abs error 2.2% of max |out|. Bound: 3% relative L2.
+        name = "gdiff_unet_pub"
+        kind, kw, module = fixture_model(name)
+        params = fixture_params(name, "npz")
+        io = fixture_io(name)
+        args = (io["inputs/x"].transpose(0, 2, 3, 1), io["inputs/timesteps_int"].astype(np.int32),
+                io["inputs/y"].astype(np.int32))
+        ref = np.asarray(jitted_apply(name)({"params": params}, *args))
+        out = jax.jit(models.build_model(kind, **kw, dtype="bfloat16").apply)({"params": params}, *args)
+        self.assertEqual(out.dtype, jnp.float32)
+        rel = np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref)
+        self.assertLess(rel, 3e-2)
+
+    def test_bf16_params_stay_float32(self):
+        m = tiny_unet(dtype="bfloat16")
+        params = init(m, self.x, self.t, self.y)
+        self.assertTrue(all(p.dtype == jnp.float32 for p in jax.tree.leaves(params)))
+
+    def test_remat_identical(self):
+        m, mr = tiny_unet(dropout=0.1), tiny_unet(dropout=0.1, use_checkpoint=True)
+        params = self._random_params(m, self.x, self.t, self.y)
+        self.assertEqual(jax.tree.structure(params), jax.tree.structure(init(mr, self.x, self.t, self.y)))
+        rng = {"dropout": jax.random.key(3)}
+
+        def loss(p, mod):
+            out = mod.apply({"params": p}, self.x, self.t, self.y, train=True, rngs=rng)
+            return jnp.sum(out**2), out
+
+        (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda p: loss(p, m), has_aux=True))(params)
+        (l2, o2), g2 = jax.jit(jax.value_and_grad(lambda p: loss(p, mr), has_aux=True))(params)
+        # remat only changes XLA fusion boundaries: equal up to float32 reordering.
+        np.testing.assert_allclose(o1, o2, atol=1e-5, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g1, g2)
+
+    def test_dropout_only_in_train(self):
+        m = tiny_unet(dropout=0.5)
+        params = self._random_params(m, self.x, self.t, self.y)
+        ev = m.apply({"params": params}, self.x, self.t, self.y)
+        ev2 = m.apply({"params": params}, self.x, self.t, self.y, rngs={"dropout": jax.random.key(0)})
+        tr = m.apply({"params": params}, self.x, self.t, self.y, train=True, rngs={"dropout": jax.random.key(0)})
+        np.testing.assert_array_equal(ev, ev2)
+        self.assertGreater(float(jnp.abs(tr - ev).max()), 1e-3)
+
+    def test_null_label_row(self):
+        m = tiny_unet(null_label=True)
+        params = init(m, self.x, self.t, self.y)
+        self.assertEqual(params["label_emb"]["embedding"].shape, (4, 128))
+        out = m.apply({"params": params}, self.x, self.t, jnp.array([3, 3]))  # the null label
+        self.assertEqual(out.shape, (2, 8, 8, 6))
+
+    def test_output_zero_at_init(self):
+        m = tiny_unet()
+        params = init(m, self.x, self.t, self.y)
+        np.testing.assert_array_equal(m.apply({"params": params}, self.x, self.t, self.y), 0.0)
+
+    def test_float_channel_mult_and_updown(self):
+        m = models.UNet(image_size=8, model_channels=64, channel_mult=(0.5, 1), num_res_blocks=1,
+                        resblock_updown=True, num_head_channels=32, attention_resolutions=(1, 2))
+        params = init(m, self.x, self.t)
+        self.assertEqual(params["input_blocks_0_0"]["kernel"].shape, (3, 3, 3, 32))
+        self.assertIn("in_layers_2", params["input_blocks_2_0"])  # the down ResBlock
+        self.assertEqual(m.apply({"params": params}, self.x, self.t).shape, (2, 8, 8, 3))
+
+    def test_errors(self):
+        m = tiny_unet()
+        params = init(m, self.x, self.t, self.y)
+        apply = functools.partial(m.apply, {"params": params})
+        with self.assertRaisesRegex(ValueError, "NHWC"):
+            apply(jnp.zeros((2, 16, 16, 3)), self.t, self.y)
+        with self.assertRaisesRegex(ValueError, "NHWC"):
+            apply(jnp.zeros((2, 8, 8, 4)), self.t, self.y)
+        with self.assertRaisesRegex(ValueError, "class-conditional"):
+            apply(self.x, self.t)
+        with self.assertRaisesRegex(ValueError, "timesteps"):
+            apply(self.x, self.t[:1], self.y)
+        unc = tiny_unet(num_classes=None)
+        p2 = init(unc, self.x, self.t)
+        with self.assertRaisesRegex(ValueError, "unconditional"):
+            unc.apply({"params": p2}, self.x, self.t, self.y)
+        with self.assertRaisesRegex(ValueError, "accepted"):
+            models.build_model("glide_nope", image_size=8)
+
+
+def torch_bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """NumPy version of torch F.interpolate(mode='bilinear', align_corners=False), NHWC, float64."""
+
+    def coords(n_in, n_out):
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        src = np.maximum(src, 0.0)  # torch clamps negative source coordinates to 0
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = coords(x.shape[1], out_h)
+    x0, x1, wx = coords(x.shape[2], out_w)
+    x = x.astype(np.float64)
+    top = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
+    return top[:, :, x0] * (1 - wx)[None, None, :, None] + top[:, :, x1] * wx[None, None, :, None]
+
+
+class SuperResTest(parameterized.TestCase):
+    @parameterized.parameters((4, 16), (8, 16), (5, 12), (3, 8))
+    def test_bilinear_matches_torch_formula(self, n_in, n_out):
+        x = np.random.RandomState(0).randn(2, n_in, n_in, 3).astype(np.float32)
+        got = unet.bilinear_resize(jnp.asarray(x), n_out, n_out)
+        np.testing.assert_allclose(got, torch_bilinear_reference(x, n_out, n_out), atol=1e-6)
+        if torch is not None:
+            ref = torch.nn.functional.interpolate(
+                torch.from_numpy(x.transpose(0, 3, 1, 2)), (n_out, n_out), mode="bilinear", align_corners=False
+            )
+            np.testing.assert_allclose(got, ref.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+    def test_forward_concatenates_after_x(self):
+        m = models.SuperResUNet(image_size=8, in_channels=6, model_channels=32, out_channels=3,
+                                channel_mult=(1, 2), num_res_blocks=1)
+        x = jnp.ones((2, 8, 8, 3))
+        low = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+        t = jnp.zeros((2,), jnp.int32)
+        params = init(m, x, t, low)
+        # The stem conv sees [x, up(low_res)]: its kernel's input axis splits 3 + 3.
+        stem = params["input_blocks_0_0"]["kernel"]
+        self.assertEqual(stem.shape, (3, 3, 6, 32))
+        self.assertEqual(m.apply({"params": params}, x, t, low).shape, (2, 8, 8, 3))
+        with self.assertRaisesRegex(ValueError, "NHWC"):
+            m.apply({"params": params}, x, t, jnp.zeros((2, 4, 4, 1)))
+
+
+class ClassifierPoolTest(parameterized.TestCase):
+    @parameterized.parameters("adaptive", "attention", "spatial", "spatial_v2")
+    def test_pools(self, pool):
+        m = models.EncoderUNet(image_size=8, model_channels=32, out_channels=5, num_res_blocks=1,
+                               channel_mult=(1, 2), attention_resolutions=(2,), num_head_channels=32,
+                               use_scale_shift_norm=True, resblock_updown=True, pool=pool)
+        x, t = jnp.ones((2, 8, 8, 3)), jnp.array([1, 2])
+        params = init(m, x, t)
+        out = m.apply({"params": params}, x, t)
+        self.assertEqual(out.shape, (2, 5))
+        self.assertEqual(out.dtype, jnp.float32)
+
+
+if __name__ == "__main__":
+    absltest.main()
