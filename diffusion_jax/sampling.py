@@ -1,0 +1,351 @@
+"""Ancestral (DDPM) and DDIM sampling: single steps and compiled loops.
+
+Semantics follow OpenAI's guided-diffusion `GaussianDiffusion` exactly
+(`p_sample`, `ddim_sample`, `ddim_reverse_sample`, `condition_mean`,
+`condition_score`), including the float32 order of operations, so a step fed
+the same model output and noise reproduces PyTorch's numbers.
+
+`model_fn(x, timesteps, y)` and `cond_fn(x, timesteps, y)` receive
+`schedule.model_timesteps(t)` (the original, possibly rescaled, timestep), never
+the respaced index.  Single steps take their noise explicitly; loops draw it from
+`rng` as a pure function of (rng, sample index, step), so a sample does not
+depend on the batch size or on how the batch is sharded over devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from diffusion_jax import gaussian
+from diffusion_jax.gaussian import MeanVariance, extract
+from diffusion_jax.schedules import Schedule
+
+ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+CondFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+class Trajectory(NamedTuple):
+    """Loop output with `return_trajectory=True`; step k is respaced t = K-1-k."""
+
+    sample: jax.Array  # [B, H, W, C], the final sample (== samples[-1])
+    samples: jax.Array  # [K, B, H, W, C], x after each step
+    pred_xstart: jax.Array  # [K, B, H, W, C], x0 prediction of each step
+
+
+# ----------------------------------------------------------------------------- single steps
+def model_mean_variance(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, *,
+                        mean_type: str, var_type: str, clip_denoised: bool = True, y=None,
+                        denoised_fn=None) -> MeanVariance:
+    """Run the network at x_t and form p(x_{t-1} | x_t) (`gaussian.p_mean_variance`)."""
+    model_output = model_fn(x_t, schedule.model_timesteps(t), y)
+    return gaussian.p_mean_variance(schedule, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
+                                    clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+
+
+def condition_mean(schedule: Schedule, cond_fn: CondFn, pmv: MeanVariance, x_t: jax.Array, t: jax.Array, *,
+                   y=None) -> jax.Array:
+    """Classifier guidance on the mean: mu + Sigma * grad log p(y | x_t).
+
+    Sohl-Dickstein et al. (2015) / Dhariwal & Nichol (2021) Alg. 1.  Sigma is the
+    model's (possibly learned) variance and the gradient is taken at x_t, not at
+    the mean, exactly as guided-diffusion does (its issue #51).
+
+    Returns:
+      The shifted mean `[B, H, W, C]`.
+    """
+    grad = cond_fn(x_t, schedule.model_timesteps(t), y)
+    return pmv.mean.astype(jnp.float32) + pmv.variance * grad.astype(jnp.float32)
+
+
+def condition_score(schedule: Schedule, cond_fn: CondFn, pmv: MeanVariance, x_t: jax.Array, t: jax.Array, *,
+                    y=None) -> MeanVariance:
+    """Classifier guidance on the score: eps <- eps - sqrt(1 - abar_t) * grad.
+
+    Dhariwal & Nichol (2021) Alg. 2 (Song et al. 2020's conditional score).
+    pred_xstart and the mean are recomputed from the shifted eps; the new
+    pred_xstart is *not* clipped again (it can be large even with clipping on).
+    abar_t is the respaced one, gathered as float32 and then 1 - abar, sqrt.
+    """
+    alpha_bar = extract(schedule.alphas_cumprod, t, x_t.shape)
+    eps = gaussian.predict_eps_from_xstart(schedule, x_t, t, pmv.pred_xstart)
+    eps = eps - jnp.sqrt(1 - alpha_bar) * cond_fn(x_t, schedule.model_timesteps(t), y)
+    pred_xstart = gaussian.predict_xstart_from_eps(schedule, x_t, t, eps)
+    mean = gaussian.q_posterior(schedule, pred_xstart, x_t, t).mean
+    return MeanVariance(mean, pmv.variance, pmv.log_variance, pred_xstart)
+
+
+def _nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
+    # No noise is added on the last step (t == 0): the output is the mean.
+    return (t != 0).astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def p_sample(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, noise: jax.Array, *,
+             mean_type: str, var_type: str, clip_denoised: bool = True, cond_fn: CondFn | None = None, y=None,
+             denoised_fn=None) -> tuple[jax.Array, jax.Array]:
+    """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Alg. 2).
+
+    Args:
+      schedule: the (respaced) schedule.
+      model_fn: `(x [B,H,W,C], timesteps [B], y) -> [B,H,W,C or 2C]`.
+      x_t: `[B, H, W, C]`.
+      t: int32 `[B]` respaced indices.
+      noise: standard normal `[B, H, W, C]`; ignored where t == 0.
+      mean_type, var_type, clip_denoised, denoised_fn: see `gaussian.p_mean_variance`.
+      cond_fn: optional `(x, timesteps, y) -> grad log p(y | x)`, applied to the
+        mean with the model variance before the noise is added (`condition_mean`).
+      y: labels (or any pytree) passed to `model_fn` and `cond_fn`.
+
+    Returns:
+      (sample [B, H, W, C], pred_xstart [B, H, W, C]).
+    """
+    out = model_mean_variance(schedule, model_fn, x_t, t, mean_type=mean_type, var_type=var_type,
+                              clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
+    mean = out.mean
+    if cond_fn is not None:
+        mean = condition_mean(schedule, cond_fn, out, x_t, t, y=y)
+    sample = mean + _nonzero_mask(t, x_t) * jnp.exp(0.5 * out.log_variance) * noise
+    return sample, out.pred_xstart
+
+
+def ddim_sample(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, noise: jax.Array, *,
+                eta: float = 0.0, mean_type: str, var_type: str, clip_denoised: bool = True,
+                cond_fn: CondFn | None = None, y=None, denoised_fn=None) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step (Song et al. 2020, Eq. 12), with OpenAI's eta-parameterised sigma.
+
+    sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar)) * sqrt(1 - abar / abar_prev);
+    eps is re-derived from the (clipped) pred_xstart, so clipping also shapes
+    the deterministic direction.  With `cond_fn` the score is shifted
+    (`condition_score`) before eps is re-derived.  `noise` is multiplied by
+    zero where t == 0 (and by sigma = 0 everywhere when eta = 0).
+
+    Returns:
+      (sample [B, H, W, C], pred_xstart [B, H, W, C]).
+    """
+    out = model_mean_variance(schedule, model_fn, x_t, t, mean_type=mean_type, var_type=var_type,
+                              clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
+    if cond_fn is not None:
+        out = condition_score(schedule, cond_fn, out, x_t, t, y=y)
+    eps = gaussian.predict_eps_from_xstart(schedule, x_t, t, out.pred_xstart)
+    alpha_bar = extract(schedule.alphas_cumprod, t, x_t.shape)
+    alpha_bar_prev = extract(schedule.alphas_cumprod_prev, t, x_t.shape)
+    sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
+    mean_pred = out.pred_xstart * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    sample = mean_pred + _nonzero_mask(t, x_t) * sigma * noise
+    return sample, out.pred_xstart
+
+
+def ddim_reverse_sample(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, *, mean_type: str,
+                        var_type: str, clip_denoised: bool = True, y=None,
+                        denoised_fn=None) -> tuple[jax.Array, jax.Array]:
+    """One deterministic DDIM (eta = 0) step *up* the chain: x_t -> x_{t+1}.
+
+    Uses abar_next (0 after the last step); the ODE encoder of Song et al. (2020).
+
+    Returns:
+      (sample [B, H, W, C], pred_xstart [B, H, W, C]).
+    """
+    out = model_mean_variance(schedule, model_fn, x_t, t, mean_type=mean_type, var_type=var_type,
+                              clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
+    shape = x_t.shape
+    eps = ((extract(schedule.sqrt_recip_alphas_cumprod, t, shape) * x_t - out.pred_xstart)
+           / extract(schedule.sqrt_recipm1_alphas_cumprod, t, shape))
+    alpha_bar_next = extract(schedule.alphas_cumprod_next, t, shape)
+    mean_pred = out.pred_xstart * jnp.sqrt(alpha_bar_next) + jnp.sqrt(1 - alpha_bar_next) * eps
+    return mean_pred, out.pred_xstart
+
+
+# ----------------------------------------------------------------------------- randomness
+def sample_keys(rng: jax.Array, sample_ids: jax.Array) -> jax.Array:
+    """Per-sample keys `[B]`: `fold_in(rng, sample_ids[i])` (global sample index)."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(sample_ids, jnp.uint32))
+
+
+def initial_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_T `[B, *shape[1:]]`: one standard-normal draw per sample key."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0], tuple(shape[1:])))(keys)
+
+
+def step_noise(keys: jax.Array, t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The noise of respaced step t (scalar) for each sample key, `[B, *shape[1:]]`."""
+    draw = lambda k: jax.random.normal(jax.random.fold_in(jax.random.split(k)[1], t), tuple(shape[1:]))
+    return jax.vmap(draw)(keys)
+
+
+# ----------------------------------------------------------------------------- loops
+class _Progress:
+    """Host-side tqdm bar fed by `jax.debug.callback` from inside the scan."""
+
+    def __init__(self, total: int):
+        self.total, self.bar, self.seen = total, None, 0
+
+    def __call__(self, k) -> None:
+        from tqdm.auto import tqdm
+
+        k = int(k)
+        if self.bar is None or k == 0:  # A new run of the compiled loop.
+            if self.bar is not None:
+                self.bar.close()
+            self.bar, self.seen = tqdm(total=self.total, desc="sampling", unit="step"), 0
+        self.bar.update(k + 1 - self.seen)
+        self.seen = k + 1
+        if self.seen == self.total:
+            self.bar.close()
+            self.bar = None
+
+
+def _progress_every(total: int) -> int:
+    return max(1, total // 50)
+
+
+def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Callable, explicit_noise, *,
+               progress: bool, return_trajectory: bool):
+    """lax.scan of `step(x, t [B], noise) -> (x, pred_xstart)` over t = K-1..0."""
+    num_steps = schedule.num_timesteps
+    ks = jnp.arange(num_steps, dtype=jnp.int32)
+    ts = num_steps - 1 - ks
+    hook = _Progress(num_steps) if progress else None
+    every = _progress_every(num_steps)
+
+    def body(x, xs):
+        k, t_scalar, given = xs
+        t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
+        noise = noise_fn(t_scalar) if given is None else given
+        x, pred_xstart = step(x, t, noise)
+        if hook is not None:
+            report = (k % every == 0) | (k == num_steps - 1)
+            lax.cond(report, lambda: jax.debug.callback(hook, k), lambda: None)
+        return x, ((x, pred_xstart) if return_trajectory else None)
+
+    x, traj = lax.scan(body, x_T, (ks, ts, explicit_noise))
+    if return_trajectory:
+        return Trajectory(x, traj[0], traj[1])
+    return x
+
+
+def _check_loop_shapes(shape, sample_ids, x_T):
+    if sample_ids.shape != (shape[0],):
+        raise ValueError(f"sample_ids has shape {tuple(sample_ids.shape)} but the batch is {shape[0]} (shape {shape})")
+    if x_T is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}")
+
+
+def _loop(step: Callable, rng, schedule, shape, *, sample_ids, x_T, progress, return_trajectory):
+    shape = tuple(int(d) for d in shape)
+    sample_ids = jnp.arange(shape[0], dtype=jnp.int32) if sample_ids is None else jnp.asarray(sample_ids)
+    _check_loop_shapes(shape, sample_ids, x_T)
+    keys = sample_keys(rng, sample_ids)
+    x = initial_noise(keys, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
+    return _run_chain(step, schedule, x, lambda t: step_noise(keys, t, shape), None, progress=progress,
+                      return_trajectory=return_trajectory)
+
+
+def p_sample_loop(rng: jax.Array, model_fn: ModelFn, schedule: Schedule, shape: tuple[int, ...], *,
+                  mean_type: str, var_type: str, clip_denoised: bool = True, cond_fn: CondFn | None = None, y=None,
+                  denoised_fn=None, sample_ids: jax.Array | None = None, x_T: jax.Array | None = None,
+                  progress: bool = False, return_trajectory: bool = False):
+    """Ancestral sampling over the whole (respaced) chain as one `lax.scan`.
+
+    Call it inside `jax.jit` (the trace is cached per shape and options).
+    Sample i draws x_T and every step's noise from `fold_in(rng, sample_ids[i])`,
+    so it is the same whatever the batch size or device count.
+
+    Args:
+      rng: a typed key (`jax.random.key(seed)`).
+      model_fn, cond_fn, y, mean_type, var_type, clip_denoised, denoised_fn: as in `p_sample`.
+      schedule: the (respaced) schedule, K steps.
+      shape: `(B, H, W, C)`.
+      sample_ids: int `[B]` global sample indices; default `arange(B)`.
+      x_T: optional `[B, H, W, C]` starting noise instead of the drawn one.
+      progress: show a tqdm bar (host callback every ~K/50 steps).
+      return_trajectory: also return every step's sample and pred_xstart.
+
+    Returns:
+      The final sample `[B, H, W, C]`, or a `Trajectory` with `return_trajectory`.
+    """
+    def step(x, t, noise):
+        return p_sample(schedule, model_fn, x, t, noise, mean_type=mean_type, var_type=var_type,
+                        clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
+
+    return _loop(step, rng, schedule, shape, sample_ids=sample_ids, x_T=x_T, progress=progress,
+                 return_trajectory=return_trajectory)
+
+
+def ddim_sample_loop(rng: jax.Array, model_fn: ModelFn, schedule: Schedule, shape: tuple[int, ...], *,
+                     eta: float = 0.0, mean_type: str, var_type: str, clip_denoised: bool = True,
+                     cond_fn: CondFn | None = None, y=None, denoised_fn=None, sample_ids: jax.Array | None = None,
+                     x_T: jax.Array | None = None, progress: bool = False, return_trajectory: bool = False):
+    """DDIM sampling over the whole (respaced) chain as one `lax.scan`.
+
+    Arguments and randomness as in `p_sample_loop`; `eta` as in `ddim_sample`
+    (the step noise is drawn but multiplied by sigma = 0 when eta = 0).
+    """
+    def step(x, t, noise):
+        return ddim_sample(schedule, model_fn, x, t, noise, eta=eta, mean_type=mean_type, var_type=var_type,
+                           clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
+
+    return _loop(step, rng, schedule, shape, sample_ids=sample_ids, x_T=x_T, progress=progress,
+                 return_trajectory=return_trajectory)
+
+
+def _check_noise(x_T, noise, num_steps):
+    want = (num_steps,) + tuple(x_T.shape)
+    if tuple(noise.shape) != want:
+        raise ValueError(f"step_noise has shape {tuple(noise.shape)}, expected {want} ([K, *x_T.shape])")
+
+
+def p_sample_loop_with_noise(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, noise: jax.Array, *,
+                             mean_type: str, var_type: str, clip_denoised: bool = True,
+                             cond_fn: CondFn | None = None, y=None, denoised_fn=None, progress: bool = False,
+                             return_trajectory: bool = False):
+    """`p_sample_loop` with explicit noise: `noise[k]` `[K, B, H, W, C]` is step k (t = K-1-k).
+
+    This is how OpenAI's loops consume `randn_like` draws, so fixtures replay exactly.
+    """
+    _check_noise(x_T, noise, schedule.num_timesteps)
+
+    def step(x, t, n):
+        return p_sample(schedule, model_fn, x, t, n, mean_type=mean_type, var_type=var_type,
+                        clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
+
+    return _run_chain(step, schedule, jnp.asarray(x_T, jnp.float32), None, jnp.asarray(noise, jnp.float32),
+                      progress=progress, return_trajectory=return_trajectory)
+
+
+def ddim_sample_loop_with_noise(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array, noise: jax.Array, *,
+                                eta: float = 0.0, mean_type: str, var_type: str, clip_denoised: bool = True,
+                                cond_fn: CondFn | None = None, y=None, denoised_fn=None, progress: bool = False,
+                                return_trajectory: bool = False):
+    """`ddim_sample_loop` with explicit noise `[K, B, H, W, C]` (step k is t = K-1-k)."""
+    _check_noise(x_T, noise, schedule.num_timesteps)
+
+    def step(x, t, n):
+        return ddim_sample(schedule, model_fn, x, t, n, eta=eta, mean_type=mean_type, var_type=var_type,
+                           clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
+
+    return _run_chain(step, schedule, jnp.asarray(x_T, jnp.float32), None, jnp.asarray(noise, jnp.float32),
+                      progress=progress, return_trajectory=return_trajectory)
+
+
+def ddim_reverse_sample_loop(model_fn: ModelFn, schedule: Schedule, x_0: jax.Array, *, mean_type: str,
+                             var_type: str, clip_denoised: bool = True, y=None, denoised_fn=None) -> jax.Array:
+    """Encode x_0 into x_T with deterministic DDIM steps t = 0..K-1 (one `lax.scan`).
+
+    Running `ddim_sample_loop(..., eta=0, x_T=<this>)` decodes it back (up to
+    the discretisation error of the ODE, small for many steps).
+
+    Returns:
+      x_T `[B, H, W, C]`.
+    """
+    def body(x, t_scalar):
+        t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
+        x, _ = ddim_reverse_sample(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
+                                   clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
+        return x, None
+
+    x, _ = lax.scan(body, jnp.asarray(x_0, jnp.float32), jnp.arange(schedule.num_timesteps, dtype=jnp.int32))
+    return x
