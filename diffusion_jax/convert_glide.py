@@ -1,0 +1,301 @@
+"""Import OpenAI's GLIDE checkpoints (glide-text2im) into Flax, exactly.
+
+``from_openai_glide(checkpoint, flags)`` resolves glide-text2im's
+``model_creation`` flags (``model_and_diffusion_defaults()`` /
+``model_and_diffusion_defaults_upsampler()`` plus ``kind``), builds the
+matching ``diffusion_jax.models.glide`` module and maps the state dict onto it
+with the same strict key/shape checks as ``diffusion_jax.convert``.
+
+GLIDE's respacing has one preset ours lacks: ``"fast27"`` (``"10,10,3,2,2"``
+with step T-1 swapped for T-3, to reduce DDIM artifacts at the noisiest step);
+``glide_space_timesteps`` / ``make_glide_schedule`` handle it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import schedules
+from diffusion_jax.convert import CheckpointError, _mismatch_error, _unflatten, load_state_dict, to_flax, torch_key
+from diffusion_jax.models.glide import glide_model_class
+
+GLIDE_KINDS = ("glide", "glide_upsample", "glide_inpaint", "glide_upsample_inpaint")
+
+# glide_text2im.model_creation.model_and_diffusion_defaults() (24 keys).
+_DEFAULTS = dict(
+    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="", num_heads=1, num_head_channels=64,
+    num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1, text_ctx=128, xf_width=512,
+    xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, diffusion_steps=1000,
+    noise_schedule="squaredcos_cap_v2", timestep_respacing="", use_scale_shift_norm=True, resblock_updown=True,
+    use_fp16=True, cache_text_emb=False, inpaint=False, super_res=False,
+)
+# model_and_diffusion_defaults_upsampler() overrides.
+_UPSAMPLER = dict(image_size=256, num_res_blocks=2, noise_schedule="linear", super_res=True)
+# Accepted beyond GLIDE's names: our kind, gradient checkpointing, compute dtype.
+_EXTRAS = dict(kind=None, use_checkpoint=False, dtype="float32")
+_MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+_KIND_OF = {(False, False): "glide", (True, False): "glide_upsample", (False, True): "glide_inpaint",
+            (True, True): "glide_upsample_inpaint"}
+
+# OpenAI's released GLIDE checkpoints (glide_text2im/download.py MODEL_PATHS),
+# with the respacing their notebooks sample with.
+GLIDE_PRESETS: dict[str, dict] = {
+    "base": dict(kind="glide", timestep_respacing="100"),
+    "upsample": dict(kind="glide_upsample", timestep_respacing="fast27"),
+    "base-inpaint": dict(kind="glide_inpaint", timestep_respacing="100"),
+    "upsample-inpaint": dict(kind="glide_upsample_inpaint", timestep_respacing="fast27"),
+}
+
+
+def glide_defaults(kind: str = "glide") -> dict:
+    """glide-text2im's default flags for a kind (the upsampler's for ``glide_upsample*``)."""
+    if kind not in GLIDE_KINDS:
+        raise ValueError(f"kind must be one of {GLIDE_KINDS}, got {kind!r}")
+    d = dict(_DEFAULTS, **(_UPSAMPLER if kind.startswith("glide_upsample") else {}))
+    d["super_res"], d["inpaint"] = kind.startswith("glide_upsample"), kind.endswith("inpaint")
+    return d
+
+
+def _bool(v) -> bool:
+    from diffusion_jax.openai_flags import str2bool
+
+    return str2bool(v)
+
+
+def _coerce(name, value, default):
+    if isinstance(default, bool):
+        return _bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def _channel_mult(value, image_size: int) -> tuple:
+    if value in ("", None, ()):
+        if image_size not in _MULT:
+            raise ValueError(f"GLIDE has no default channel_mult for image_size {image_size} (only "
+                             f"{sorted(_MULT)}); pass channel_mult explicitly")
+        return _MULT[image_size]
+    mult = tuple(int(m) for m in (value.split(",") if isinstance(value, str) else value))
+    if 2 ** (len(mult) + 2) != image_size:  # create_model asserts this.
+        raise ValueError(f"channel_mult {value!r} has {len(mult)} levels; GLIDE requires "
+                         f"2 ** (levels + 2) == image_size ({image_size})")
+    return mult
+
+
+def _kind(flags: dict) -> str:
+    kind = flags.get("kind")
+    if kind is None:
+        return _KIND_OF[(_bool(flags.get("super_res", False)), _bool(flags.get("inpaint", False)))]
+    if kind not in GLIDE_KINDS:
+        raise ValueError(f"kind must be one of {GLIDE_KINDS}, got {kind!r}")
+    for name, want in (("super_res", kind.startswith("glide_upsample")), ("inpaint", kind.endswith("inpaint"))):
+        if name in flags and _bool(flags[name]) != want:
+            raise ValueError(f"flag {name}={flags[name]!r} contradicts kind {kind!r}")
+    return kind
+
+
+def resolve_glide_flags(flags: Mapping) -> dict:
+    """Resolve glide-text2im ``model_creation`` flags (typed or strings) to our settings.
+
+    Args:
+      flags: any of the 24 ``model_and_diffusion_defaults()`` keys plus ``kind``
+        (one of ``GLIDE_KINDS``; else derived from ``super_res``/``inpaint``),
+        ``use_checkpoint`` and ``dtype``. Unset keys take the kind's defaults
+        (the upsampler's for ``glide_upsample*``).
+
+    Returns:
+      ``{"kind", "model": <module kwargs>, "diffusion": {...}}``; GLIDE's
+      diffusion is EPSILON + LEARNED_RANGE and never rescales timesteps.
+
+    Raises:
+      ValueError: unknown flags (all listed), bad values, or an impossible channel_mult.
+    """
+    flags = dict(flags)
+    kind = _kind(flags)
+    table = dict(glide_defaults(kind), **_EXTRAS)
+    unknown = sorted(set(flags) - set(table))
+    if unknown:
+        raise ValueError(f"unknown GLIDE flags: {unknown}; accepted: {sorted(table)}")
+    f = dict(table)
+    for k, v in flags.items():
+        if k != "kind":
+            try:
+                f[k] = _coerce(k, v, table[k])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"flag {k}={v!r}: {e}") from None
+    size = f["image_size"]
+    in_ch = {"glide": 3, "glide_upsample": 6, "glide_inpaint": 7, "glide_upsample_inpaint": 10}[kind]
+    model = dict(
+        image_size=size, in_channels=in_ch, model_channels=f["num_channels"], out_channels=6,
+        num_res_blocks=f["num_res_blocks"],
+        attention_resolutions=tuple(size // int(r) for r in str(f["attention_resolutions"]).split(",") if r.strip()),
+        dropout=f["dropout"], channel_mult=_channel_mult(f["channel_mult"], size), use_checkpoint=f["use_checkpoint"],
+        num_heads=f["num_heads"], num_head_channels=f["num_head_channels"], num_heads_upsample=f["num_heads_upsample"],
+        use_scale_shift_norm=f["use_scale_shift_norm"], resblock_updown=f["resblock_updown"], text_ctx=f["text_ctx"],
+        xf_width=f["xf_width"], xf_layers=f["xf_layers"], xf_heads=f["xf_heads"], xf_final_ln=f["xf_final_ln"],
+        xf_padding=f["xf_padding"], dtype=f["dtype"],
+    )
+    diffusion = dict(
+        noise_schedule=f["noise_schedule"], diffusion_steps=f["diffusion_steps"],
+        timestep_respacing=f["timestep_respacing"], rescale_timesteps=False, mean_type="epsilon",
+        var_type="learned_range",
+        # GLIDE ships no training code; this is guided-diffusion's learned-sigma hybrid loss.
+        loss_type="mse",
+    )
+    return {"kind": kind, "model": model, "diffusion": diffusion}
+
+
+def resolve_glide_preset(name: str, **overrides) -> dict:
+    """``resolve_glide_flags`` for a released checkpoint ("base", "upsample", "base-inpaint",
+    "upsample-inpaint"); ``overrides`` replace flags (e.g. ``timestep_respacing``)."""
+    if name not in GLIDE_PRESETS:
+        raise ValueError(f"unknown GLIDE preset {name!r}; known: {sorted(GLIDE_PRESETS)}")
+    return resolve_glide_flags(dict(GLIDE_PRESETS[name], **overrides))
+
+
+# ----------------------------------------------------------------------------- respacing
+def glide_space_timesteps(num_timesteps: int, section_counts) -> set[int]:
+    """GLIDE's ``space_timesteps``: ours plus the ``"fast27"`` preset.
+
+    ``fast27`` is ``"10,10,3,2,2"`` with T-1 replaced by T-3.
+    """
+    if isinstance(section_counts, str) and section_counts.strip() == "fast27":
+        steps = schedules.space_timesteps(num_timesteps, "10,10,3,2,2")
+        steps.remove(num_timesteps - 1)
+        steps.add(num_timesteps - 3)
+        return steps
+    return schedules.space_timesteps(num_timesteps, section_counts)
+
+
+def make_glide_schedule(noise_schedule: str, diffusion_steps: int, timestep_respacing="") -> schedules.Schedule:
+    """The schedule glide-text2im's ``create_gaussian_diffusion`` builds (no timestep rescaling)."""
+    betas = schedules.get_named_beta_schedule(noise_schedule, diffusion_steps)
+    respacing = timestep_respacing if timestep_respacing not in (None, "") else [diffusion_steps]
+    new_betas, tmap = schedules.respace_betas(betas, glide_space_timesteps(diffusion_steps, respacing))
+    return schedules.Schedule.from_betas(new_betas, tmap, rescale_timesteps=False,
+                                         original_num_steps=diffusion_steps)
+
+
+# ----------------------------------------------------------------------------- params
+def glide_example_inputs(kind: str, model: dict) -> tuple[tuple, dict]:
+    """Batch-1 ``(args, kwargs)`` for ``module.init`` of a GLIDE kind."""
+    s = model["image_size"]
+    x = jnp.zeros((1, s, s, 3))
+    kw = {}
+    if model.get("xf_width", 512):
+        ctx = model.get("text_ctx", 128)
+        kw = dict(tokens=jnp.zeros((1, ctx), jnp.int32), mask=jnp.ones((1, ctx), bool))
+    if kind.startswith("glide_upsample"):
+        kw["low_res"] = jnp.zeros((1, s // 4, s // 4, 3))
+    return (x, jnp.zeros((1,), jnp.int32)), kw
+
+
+def glide_param_shapes(module, kind: str, model: dict) -> dict:
+    """{flax path: ShapeDtypeStruct} without initialising (``jax.eval_shape``)."""
+    args, kw = glide_example_inputs(kind, model)
+    try:
+        tree = jax.eval_shape(lambda k: module.init(k, *args, **kw), jax.random.key(0))["params"]
+    except Exception as e:
+        raise ValueError(f"these settings cannot build a GLIDE network: {type(e).__name__}: {e}\n"
+                         f"settings: {model}") from None
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(p.key for p in path): leaf for path, leaf in flat}
+
+
+def glide_torch_key(path: tuple) -> str:
+    """Flax path -> GLIDE state-dict key (``transformer/resblocks_0/ln_1/scale`` ->
+    ``transformer.resblocks.0.ln_1.weight``)."""
+    return re.sub(r"(^|\.)ln\.(\d+)\.", r"\1ln_\2.", torch_key(path))
+
+
+_EMBEDDINGS = ("positional_embedding", "padding_embedding")  # [text_ctx, W] in both layouts
+_CONV1D = ("qkv", "proj_out", "encoder_kv")  # Conv1d in torch; the transformer's are Linear
+
+
+def _to_flax(path: tuple, w: np.ndarray) -> np.ndarray:
+    if path[-1] in _EMBEDDINGS:
+        return np.asarray(w, np.float32)
+    return to_flax(path, w)
+
+
+def _torch_shape(path: tuple, shape: tuple) -> tuple:
+    if path[-1] == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if path[-1] == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0], 1) if path[-2] in _CONV1D else (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _check_text_ctx(model: dict, state_dict: Mapping) -> None:
+    pos = state_dict.get("positional_embedding")
+    if pos is None or not model.get("xf_width"):
+        return
+    pos = np.shape(pos)
+    if len(pos) == 2 and pos[0] != model["text_ctx"]:
+        raise CheckpointError(
+            f"text_ctx mismatch: the checkpoint's positional_embedding is {list(pos)}, i.e. text_ctx={pos[0]}, "
+            f"but the flags say text_ctx={model['text_ctx']}; set text_ctx={pos[0]}")
+
+
+def glide_params_from_state_dict(module, kind: str, model: dict, state_dict: Mapping) -> dict:
+    """Map a GLIDE state dict onto the module's parameter tree (strict).
+
+    Raises:
+      CheckpointError: a text_ctx mismatch, or every missing, unexpected and
+        mis-shaped key at once.
+    """
+    _check_text_ctx(model, state_dict)
+    shapes = glide_param_shapes(module, kind, model)
+    by_key = {glide_torch_key(p): p for p in shapes}
+    missing = sorted(set(by_key) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(by_key))
+    mismatched, flat = [], {}
+    for key, path in by_key.items():
+        if key not in state_dict:
+            continue
+        w = np.asarray(state_dict[key])
+        v = _to_flax(path, w)
+        want = tuple(shapes[path].shape)
+        if v.shape != want:
+            mismatched.append((key, tuple(w.shape), _torch_shape(path, want)))
+        else:
+            flat[path] = jnp.asarray(v, jnp.float32)
+    if missing or unexpected or mismatched:
+        raise _mismatch_error(missing, unexpected, sorted(mismatched), "GLIDE checkpoint")
+    return _unflatten(flat)
+
+
+def build_glide_model(kind: str, **model):
+    """The GLIDE module of ``kind`` with constructor fields ``model``."""
+    return glide_model_class(kind)(**model)
+
+
+def from_openai_glide(checkpoint, flags: Mapping):
+    """Load a GLIDE checkpoint as ``(module, params)``.
+
+    Args:
+      checkpoint: path (``.pt`` via ``torch.load(weights_only=True)``, ``.npz``,
+        ``.safetensors``) or a mapping {state-dict key: array}.
+      flags: glide-text2im ``model_creation`` flags plus ``kind`` (see
+        ``resolve_glide_flags``), or ``{"preset": "base" | "upsample" |
+        "base-inpaint" | "upsample-inpaint", ...overrides}``.
+
+    Returns:
+      ``(module, params)``; call ``module.apply({'params': params}, x, timesteps,
+      tokens=tokens, mask=mask, low_res=None, inpaint_image=None, inpaint_mask=None)``
+      (NHWC). Params are float32.
+    """
+    flags = dict(flags)
+    preset = flags.pop("preset", None)
+    cfg = resolve_glide_preset(preset, **flags) if preset else resolve_glide_flags(flags)
+    module = build_glide_model(cfg["kind"], **cfg["model"])
+    state_dict = load_state_dict(checkpoint)
+    return module, glide_params_from_state_dict(module, cfg["kind"], cfg["model"], state_dict)
