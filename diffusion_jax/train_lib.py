@@ -1,0 +1,304 @@
+"""The training program: config checks, state set-up, the loop, checkpoints, logs.
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs.  Every process
+of a multi-host run executes it identically (same collectives, same
+checkpoint calls); only process 0 writes logs, grids and JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import checkpoints, models, objectives, parallel, schedules, train_steps
+from diffusion_jax.data import pipeline
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/inf."""
+
+
+# ----------------------------------------------------------------------------- config -> objects
+def validate_config(config) -> None:
+    """Cross-field checks with messages that say what to change."""
+    m, d = config.model, config.data
+    if m.image_size != d.image_size:
+        raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
+                         "set both to the size you train at")
+    if m.in_channels != d.channels:
+        raise ValueError(f"config.model.in_channels={m.in_channels} but config.data.channels={d.channels}")
+    if config.kind == "unet":
+        learned = config.diffusion.var_type in ("learned", "learned_range")
+        want = 2 * m.in_channels if learned else m.in_channels
+        if m.out_channels != want:
+            raise ValueError(f"config.model.out_channels={m.out_channels} but var_type "
+                             f"{config.diffusion.var_type!r} needs {want}")
+        if config.train.p_uncond > 0 and not (m.num_classes and m.null_label):
+            raise ValueError("config.train.p_uncond > 0 (null-label dropout) needs a class-conditional model "
+                             "with config.model.null_label=True")
+    elif config.kind != "classifier":
+        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, classifier")
+    if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
+                         f"config.train.microbatches={config.train.microbatches}")
+
+
+def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
+    d = config.diffusion
+    return schedules.make_schedule(d.noise_schedule, d.diffusion_steps,
+                                   d.timestep_respacing if respacing is None else respacing, d.rescale_timesteps)
+
+
+def make_model(config):
+    return models.build_model(config.kind, **config.model.to_dict())
+
+
+def make_spec(config, schedule) -> train_steps.StepSpec:
+    d, t = config.diffusion, config.train
+    is_unet = config.kind == "unet"
+    return train_steps.StepSpec(
+        kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
+        sampler=objectives.make_timestep_sampler(d.schedule_sampler, schedule.num_timesteps),
+        ema_rates=tuple(float(r) for r in t.ema_rates), microbatches=int(t.microbatches),
+        num_classes=config.model.num_classes if is_unet else None,
+        null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond))
+
+
+def init_params(model, config, rng):
+    s = config.model.image_size
+    x = jnp.zeros((1, s, s, config.model.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    if config.kind == "classifier":
+        return model.init({"params": rng}, x, t)["params"]
+    y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    return model.init({"params": rng}, x, t, y)["params"]
+
+
+def _data_iterator(config, with_labels: bool):
+    d = config.data
+    source = pipeline.make_source(d.name, d.train_split, data_dir=d.data_dir)
+    num_classes = config.model.num_classes if config.kind == "unet" else config.model.out_channels
+    if with_labels:
+        _check_labels(source, num_classes)
+    return pipeline.make_train_iterator(
+        source, global_batch_size=config.train.batch_size, image_size=d.image_size, channels=d.channels,
+        seed=config.seed % 2**32, random_flip=d.random_flip, worker_count=d.worker_count,
+        with_labels=with_labels)
+
+
+def _check_labels(source, num_classes: int) -> None:
+    """Labels must exist and fit the model's classes (checked on the first records)."""
+    probe = source[0]
+    if "label" not in probe:
+        raise ValueError("the model is class-conditional (or a classifier) but the dataset has no labels; "
+                         "use an unconditional model (config.model.num_classes=None) or a labelled dataset")
+    n = min(len(source), 2048)
+    labels = np.array([int(source[i]["label"]) for i in range(0, len(source), max(1, len(source) // n))])
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"dataset labels reach {labels.max()} but the model has {num_classes} classes; "
+                         f"set config.model.num_classes (or out_channels for classifiers) to at least {labels.max() + 1}")
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricWriter:
+    """metrics.jsonl + TensorBoard events, process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = parallel.is_main_process()
+        self._file = self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=workdir)
+            except ImportError:  # TensorBoard is optional; JSON lines always work.
+                self._tb = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def summarize(history: list[dict]) -> dict:
+    """Average per-step device metrics over a log interval; quartiles become *_q0..*_q3."""
+    host = jax.device_get(history)
+    out = {}
+    for key in host[0]:
+        vals = np.stack([np.asarray(h[key], np.float64) for h in host])
+        counts = np.isfinite(vals).sum(axis=0)
+        # Quartiles without samples this interval stay NaN (written as null).
+        mean = np.where(counts > 0, np.nansum(np.where(np.isfinite(vals), vals, 0.0), axis=0) / np.maximum(counts, 1),
+                        np.nan)
+        if mean.ndim:
+            for i, v in enumerate(mean):
+                out[f"{key[:-2]}_q{i}"] = float(v)
+        else:
+            out[key] = float(mean)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_finite(state, last_good: int | None) -> None:
+    bad = int(jax.device_get(state.first_nonfinite))
+    if bad >= 0:
+        where = f"the last good checkpoint (step {last_good}) is intact" if last_good is not None else \
+            "no checkpoint was written"
+        raise NonFiniteError(
+            f"non-finite loss or gradients at step {bad}; the run stopped and {where}. "
+            "Lower config.optim.lr, set config.optim.grad_clip, or check the data for NaNs.")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train `config` in `workdir`, resuming from its newest checkpoint; returns the last metrics."""
+    validate_config(config)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
+    cfg_dict = checkpoints.config_to_dict(config)
+    checkpoints.check_workdir_config(workdir, cfg_dict)
+    checkpoints.write_config(workdir, cfg_dict)
+
+    schedule = make_schedule(config)
+    spec = make_spec(config, schedule)
+    model = make_model(config)
+    tx, lr_fn = train_steps.make_optimizer(num_steps=config.train.num_steps, **config.optim.to_dict())
+    with_labels = config.kind == "classifier" or config.model.num_classes is not None
+    data_it = _data_iterator(config, with_labels)
+
+    repl = parallel.replicated(mesh)
+    init = jax.jit(lambda key: train_steps.init_state(init_params(model, config, key), tx, spec), out_shardings=repl)
+    state = init(jax.random.key(config.seed))
+    manager = checkpoints.make_manager(workdir, keep=config.train.keep_checkpoints)
+    restored, restored_step = checkpoints.restore_latest(manager, state, data_it)
+    if restored is not None:
+        state = restored
+        print(f"resumed from {workdir}/checkpoints at step {restored_step}", flush=True)
+    step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx)
+    hooks = _Hooks(config, workdir, mesh, model, schedule)
+    writer = MetricWriter(workdir)
+    rng = jax.device_put(jax.random.key(config.seed + 1), repl)
+    start = int(jax.device_get(state.step))
+    last_good = restored_step
+    history, last = [], {}
+    t_log = time.perf_counter()
+    progress = _progress(start, config.train.num_steps)
+    try:
+        with _Preemption() as preempt:
+            for step in range(start, config.train.num_steps):
+                batch = parallel.global_batch(mesh, _batch_arrays(next(data_it), with_labels))
+                state, metrics = step_fn(state, batch, rng)
+                history.append(metrics)
+                done = step + 1
+                if done % config.train.log_every == 0 or done == config.train.num_steps:
+                    _check_finite(state, last_good)
+                    elapsed = time.perf_counter() - t_log
+                    last = dict(summarize(history), lr=float(lr_fn(done - 1)), steps_per_sec=len(history) / elapsed,
+                                images_per_sec=len(history) * config.train.batch_size / elapsed)
+                    writer.write(done, last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}")
+                    history, t_log = [], time.perf_counter()
+                progress.update(1)
+                if done % config.train.checkpoint_every == 0 or done == config.train.num_steps or preempt.requested:
+                    _check_finite(state, last_good)
+                    checkpoints.save(manager, done, state, data_it, cfg_dict)
+                    last_good = done
+                hooks.after_step(done, state, writer)
+                if preempt.requested:
+                    print(f"SIGTERM: checkpointed step {done} and stopped; re-run to resume", flush=True)
+                    break
+        hooks.at_end(int(jax.device_get(state.step)), state, writer)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        progress.close()
+    return last
+
+
+def _batch_arrays(batch: dict, with_labels: bool) -> dict:
+    out = {"image": np.asarray(batch["image"], np.float32)}
+    if with_labels:
+        out["label"] = np.asarray(batch["label"], np.int32)
+    return out
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", disable=not parallel.is_main_process(),
+                dynamic_ncols=True, mininterval=1.0)
+
+
+class _Hooks:
+    """Periodic sample grids and bits/dim estimates (orchestration around the step)."""
+
+    def __init__(self, config, workdir, mesh, model, schedule):
+        self.config, self.workdir, self.mesh, self.model, self.schedule = config, workdir, mesh, model, schedule
+        self._eval = None
+
+    def after_step(self, step: int, state, writer) -> None:
+        t = self.config.train
+        if self.config.kind == "unet" and t.sample_every and step % t.sample_every == 0:
+            self.sample_grid(step, state)
+        if t.eval_every and step % t.eval_every == 0:
+            writer.write(step, self.evaluate(state))
+
+    def at_end(self, step: int, state, writer) -> None:
+        t = self.config.train
+        if self.config.kind == "unet" and not (t.sample_every and step % t.sample_every == 0) and step > 0:
+            self.sample_grid(step, state)
+
+    def sample_grid(self, step: int, state) -> None:
+        from diffusion_jax import train_samples
+
+        train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
+
+    def evaluate(self, state) -> dict:
+        from diffusion_jax import train_eval
+
+        if self._eval is None:
+            self._eval = train_eval.Evaluator(self.config, self.mesh, self.model)
+        return self._eval(state)

@@ -1,0 +1,210 @@
+"""The train state, the optimizer and the compiled data-parallel train steps.
+
+One step = one optimizer update on a global batch: timesteps, noise and label
+dropout drawn at global batch shape from `fold_in(rng, step)` (so the result
+does not depend on the device count), optional gradient accumulation over
+microbatches (averaged), AdamW, one EMA per rate, the importance-sampler
+history, and a non-finite guard that records the first bad step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from diffusion_jax import gaussian, objectives, parallel
+from diffusion_jax.schedules import Schedule
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+    ema_params: tuple  # one params tree per EMA rate
+    sampler_state: Any  # timestep-sampler state (loss history for importance sampling)
+    first_nonfinite: jax.Array  # int32 scalar: first step with a non-finite loss/grad, -1 if none
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static settings of a train step (hashable)."""
+
+    kind: str  # "unet" | "classifier"
+    mean_type: str
+    var_type: str
+    loss_type: str
+    sampler: Any  # objectives.UniformSampler | LossSecondMomentSampler
+    ema_rates: tuple = ()
+    microbatches: int = 1
+    num_classes: int | None = None
+    null_label: bool = False
+    p_uncond: float = 0.0
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int, anneal: bool, num_steps: int):
+    """Linear warm-up to `lr`, then constant or a linear anneal to 0 at `num_steps`."""
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (count + 1) / max(warmup_steps, 1)) if warmup_steps else 1.0
+        decay = jnp.maximum(0.0, 1.0 - count / max(num_steps, 1)) if anneal else 1.0
+        return lr * warm * decay
+    return schedule
+
+
+def make_optimizer(*, lr, weight_decay, b1, b2, eps, warmup_steps, anneal, grad_clip, num_steps):
+    """optax AdamW with optional global-norm clipping and the schedule above."""
+    schedule = learning_rate_schedule(lr, warmup_steps, anneal, num_steps)
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+    return tx, schedule
+
+
+def init_state(params, tx, spec: StepSpec) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        # Copies, not aliases: donating the state twice would fail otherwise.
+        ema_params=tuple(jax.tree.map(jnp.copy, params) for _ in spec.ema_rates),
+        sampler_state=spec.sampler.init(), first_nonfinite=jnp.full((), -1, jnp.int32))
+
+
+def quartile_means(values: jax.Array, t: jax.Array, num_timesteps: int) -> jax.Array:
+    """Mean of `values` within each quarter of [0, K) by t, `[4]` (NaN if empty); OpenAI's `_q0.._q3`."""
+    q = jnp.minimum((4 * t) // num_timesteps, 3)
+    sums = jax.ops.segment_sum(values.astype(jnp.float32), q, num_segments=4)
+    counts = jax.ops.segment_sum(jnp.ones_like(values, jnp.float32), q, num_segments=4)
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1), jnp.nan)
+
+
+def drop_labels(rng: jax.Array, labels: jax.Array, p_uncond: float, null_label: int) -> jax.Array:
+    """Replace each label by the null label with probability p_uncond (Ho & Salimans 2021)."""
+    if p_uncond <= 0:
+        return labels
+    drop = jax.random.bernoulli(rng, p_uncond, labels.shape)
+    return jnp.where(drop, null_label, labels)
+
+
+def _split_micro(tree, m: int):
+    """[B, ...] -> [m, B/m, ...] taking strided rows, so each device's rows split evenly."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), tree)
+
+
+def _accumulate(loss_fn, params, micro: dict, m: int):
+    """Average gradients (and aux) of `loss_fn` over m microbatches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if m == 1:
+        return grad_fn(params, micro)
+    chunks = _split_micro(micro, m)
+
+    def body(acc, chunk):
+        (loss, aux), grads = grad_fn(params, chunk)
+        acc = jax.tree.map(lambda a, g: a + g / m, acc, grads)
+        return acc, (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, auxes) = jax.lax.scan(body, zeros, chunks)
+    # aux entries are per-example [m, B/m]: undo the strided split.
+    aux = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), auxes)
+    return (jnp.mean(losses), aux), grads
+
+
+def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule, spec: StepSpec) -> dict:
+    """Everything random, drawn at global batch shape: t, weights, noise, x_t, labels."""
+    t_rng, noise_rng, label_rng, drop_rng = jax.random.split(rng, 4)
+    x_start = batch["image"]
+    t, weights = spec.sampler.sample(state.sampler_state, t_rng, x_start.shape[0])
+    noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
+    micro = dict(x_start=x_start, t=t, weights=weights, noise=noise,
+                 x_t=gaussian.q_sample(schedule, x_start, t, noise))
+    if spec.num_classes is not None:
+        micro["y"] = drop_labels(label_rng, batch["label"], spec.p_uncond if spec.null_label else 0.0,
+                                 spec.num_classes)
+    return micro, drop_rng
+
+
+def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, schedule: Schedule,
+                   spec: StepSpec, tx) -> tuple[TrainState, dict]:
+    """One optimizer step of the diffusion objective; returns (state, metrics)."""
+    rng = jax.random.fold_in(rng, state.step)
+    micro, drop_rng = _diffusion_inputs(state, batch, rng, schedule=schedule, spec=spec)
+    micro["index"] = jnp.arange(micro["t"].shape[0])
+
+    def loss_fn(params, mb):
+        out = model.apply({"params": params}, mb["x_t"], schedule.model_timesteps(mb["t"]), mb.get("y"),
+                          train=True, rngs={"dropout": jax.random.fold_in(drop_rng, mb["index"][0])})
+        terms = objectives.training_losses(schedule, out, mb["x_start"], mb["x_t"], mb["t"], mb["noise"],
+                                           mean_type=spec.mean_type, var_type=spec.var_type,
+                                           loss_type=spec.loss_type)
+        return jnp.mean(terms.loss * mb["weights"]), terms
+
+    (loss, terms), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches)
+    sampler_state = spec.sampler.update(state.sampler_state, micro["t"], jax.lax.stop_gradient(terms.loss))
+    k = schedule.num_timesteps
+    metrics = dict(loss=loss, mse=jnp.mean(terms.mse), vb=jnp.mean(terms.vb))
+    for name in ("loss", "mse", "vb"):
+        metrics[f"{name}_q"] = quartile_means(getattr(terms, name), micro["t"], k)
+    return _apply(state, grads, loss, metrics, tx=tx, spec=spec, sampler_state=sampler_state)
+
+
+def classifier_step(state: TrainState, batch: dict, rng: jax.Array, *, model, schedule: Schedule,
+                    spec: StepSpec, tx) -> tuple[TrainState, dict]:
+    """One step of noisy-classifier training (guided-diffusion's classifier_train)."""
+    rng = jax.random.fold_in(rng, state.step)
+    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    x_start, labels = batch["image"], batch["label"]
+    t, _ = spec.sampler.sample(state.sampler_state, t_rng, x_start.shape[0])
+    noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
+    micro = dict(x_t=gaussian.q_sample(schedule, x_start, t, noise), t=t, y=labels,
+                 index=jnp.arange(t.shape[0]))
+
+    def loss_fn(params, mb):
+        logits = model.apply({"params": params}, mb["x_t"], schedule.model_timesteps(mb["t"]), train=True,
+                             rngs={"dropout": jax.random.fold_in(drop_rng, mb["index"][0])})
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["y"])
+        return jnp.mean(ce), (ce, logits)
+
+    (loss, (ce, logits)), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches)
+    acc1, acc5 = topk_accuracy(logits, labels)
+    k = schedule.num_timesteps
+    metrics = dict(loss=loss, acc1=jnp.mean(acc1), acc5=jnp.mean(acc5), loss_q=quartile_means(ce, t, k),
+                   acc1_q=quartile_means(acc1, t, k))
+    return _apply(state, grads, loss, metrics, tx=tx, spec=spec, sampler_state=state.sampler_state)
+
+
+def topk_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example top-1 and top-5 hits (float32 [B])."""
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    hits = top == labels[:, None]
+    return hits[:, 0].astype(jnp.float32), jnp.any(hits, axis=-1).astype(jnp.float32)
+
+
+def _apply(state: TrainState, grads, loss, metrics: dict, *, tx, spec: StepSpec, sampler_state):
+    """Optimizer update, EMAs and the non-finite guard."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = tuple(optax.incremental_update(params, e, step_size=1.0 - rate)
+                for e, rate in zip(state.ema_params, spec.ema_rates))
+    new = state.replace(params=params, opt_state=opt_state, ema_params=ema, sampler_state=sampler_state)
+    # A non-finite step changes nothing but the counters; the host stops the run.
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    kept = kept.replace(step=state.step + 1, first_nonfinite=jnp.where(
+        (~finite) & (state.first_nonfinite < 0), state.step, state.first_nonfinite))
+    metrics = dict(metrics, grad_norm=grad_norm)
+    return kept, metrics
+
+
+def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx):
+    """The data-parallel step: state/key replicated, batch split on 'data', state donated."""
+    fn = classifier_step if spec.kind == "classifier" else diffusion_step
+    repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    return jax.jit(functools.partial(fn, model=model, schedule=schedule, spec=spec, tx=tx),
+                   in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)

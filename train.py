@@ -1,0 +1,42 @@
+"""Train a diffusion model (or a noisy classifier): `python train.py [--config=...] [--workdir=...]`.
+
+With no flags it trains configs/digits.py into runs/digits.  Re-running with
+the same workdir resumes from its newest checkpoint.  Override any config
+field: `--config.train.batch_size=256`.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable from anywhere
+
+config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       "configs", "digits.py"),
+                                "Config file (ml_collections).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
+        # N local CPU processes stand in for N hosts: collectives over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from diffusion_jax import parallel, train_lib
+
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "digits"))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", name)
+    train_lib.train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
