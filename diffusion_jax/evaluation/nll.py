@@ -180,7 +180,8 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
     """The jitted full-chain step of the NLL runner, sharded over `mesh`'s 'data' axis.
 
     Returns:
-      `step(params, batch, rng) -> NllBatch` (replicated outputs).  `batch` is
+      `step(params, batch, rng) -> (NllBatch, index [B], valid [B])`, all
+      replicated (every host can read them).  `batch` is
       {"image" [B,H,W,C], "index" [B], "valid" [B], "label" [B] if
       `class_cond`} with B a multiple of the mesh size; params and rng are
       replicated.
@@ -195,10 +196,11 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
                             mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
         out = reduce_chain(terms, batch["valid"])
         # Per-t sums are the only cross-device reduction.
-        return out._replace(vb_t=jax.lax.psum(out.vb_t, "data"), mse_t=jax.lax.psum(out.mse_t, "data"),
-                            xstart_mse_t=jax.lax.psum(out.xstart_mse_t, "data"))
+        out = out._replace(vb_t=jax.lax.psum(out.vb_t, "data"), mse_t=jax.lax.psum(out.mse_t, "data"),
+                           xstart_mse_t=jax.lax.psum(out.xstart_mse_t, "data"))
+        return out, index, batch["valid"]
 
-    out_specs = NllBatch(*([P("data")] * 5 + [P()] * 3))
+    out_specs = (NllBatch(*([P("data")] * 5 + [P()] * 3)), P("data"), P("data"))
 
     def step(params, batch, rng):
         batch = {k: batch[k] for k in ("image", "index", "valid") + (("label",) if class_cond else ())}
@@ -206,7 +208,7 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(params, batch, rng)
 
     repl = NamedSharding(mesh, P())
-    return jax.jit(step, out_shardings=NllBatch(*([repl] * 8)))
+    return jax.jit(step, out_shardings=(NllBatch(*([repl] * 8)), repl, repl))
 
 
 def global_batch(mesh: jax.sharding.Mesh, local: dict) -> dict:

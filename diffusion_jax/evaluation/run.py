@@ -1,0 +1,279 @@
+"""Orchestration behind `evaluate.py`: the resumable NLL loop, its report, sample metrics.
+
+The NLL loop keeps, per evaluated example, its total bits/dim, prior and
+per-t-quartile term sums, and per timestep the sums of vb / mse / xstart_mse
+over examples.  After every batch (on process 0) it rewrites
+`<out>.partial.npz`; a rerun with the same settings continues after the last
+finished example, a rerun with other settings is refused with the differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import numpy as np
+
+from diffusion_jax.evaluation import nll
+
+# Settings that do not change the results (beyond float reduction order) and
+# may differ between a run and its resumption.
+RESUME_FREE = ("batch_size", "t_chunk", "out", "num_processes", "process_id", "coordinator_address")
+
+
+class ResumeError(ValueError):
+    """A partial result exists but was produced with other settings."""
+
+
+class Partial(NamedTuple):
+    """Accumulated results: per example `[n]`/`[n, 4]`, per timestep sums `[K]`."""
+
+    index: np.ndarray
+    total: np.ndarray
+    prior: np.ndarray
+    vb_q: np.ndarray
+    mse_q: np.ndarray
+    xstart_mse_q: np.ndarray
+    vb_t: np.ndarray
+    mse_t: np.ndarray
+    xstart_mse_t: np.ndarray
+
+
+def empty_partial(num_timesteps: int) -> Partial:
+    q = np.zeros((0, nll.NUM_QUARTILES), np.float64)
+    zk = np.zeros((num_timesteps,), np.float64)
+    return Partial(np.zeros((0,), np.int64), np.zeros((0,)), np.zeros((0,)), q, q, q, zk, zk, zk)
+
+
+def append(partial: Partial, out: nll.NllBatch, index, valid) -> Partial:
+    """Add one batch's valid rows (a new Partial; float64 on the host)."""
+    valid = np.asarray(valid, bool)
+    rows = lambda a: np.asarray(a, np.float64)[valid]  # noqa: E731
+    cat = lambda old, new: np.concatenate([old, new])  # noqa: E731
+    return Partial(
+        index=cat(partial.index, np.asarray(index, np.int64)[valid]),
+        total=cat(partial.total, rows(out.total)), prior=cat(partial.prior, rows(out.prior)),
+        vb_q=cat(partial.vb_q, rows(out.vb_q)), mse_q=cat(partial.mse_q, rows(out.mse_q)),
+        xstart_mse_q=cat(partial.xstart_mse_q, rows(out.xstart_mse_q)),
+        vb_t=partial.vb_t + np.asarray(out.vb_t, np.float64),
+        mse_t=partial.mse_t + np.asarray(out.mse_t, np.float64),
+        xstart_mse_t=partial.xstart_mse_t + np.asarray(out.xstart_mse_t, np.float64))
+
+
+def settings_differences(stored: dict, current: dict) -> list[str]:
+    """Human-readable differences of two settings dicts, ignoring `RESUME_FREE` keys."""
+    keys = sorted((set(stored) | set(current)) - set(RESUME_FREE))
+    return [f"{k}: stored {stored.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
+            for k in keys if stored.get(k) != current.get(k)]
+
+
+def partial_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".partial.npz"
+
+
+def save_partial(path: str, partial: Partial, settings: dict) -> None:
+    """Atomic write (tmp file + rename), so a killed run leaves a readable file."""
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, settings=np.array(json.dumps(settings, sort_keys=True)), **partial._asdict())
+    os.replace(tmp, path)
+
+
+def load_partial(path: str, settings: dict, num_timesteps: int) -> Partial:
+    """The saved progress for these settings, or an empty Partial if there is none.
+
+    Raises:
+      ResumeError: the file was written with other settings (all differences listed).
+    """
+    if not os.path.exists(path):
+        return empty_partial(num_timesteps)
+    with np.load(path) as f:
+        stored = json.loads(str(f["settings"]))
+        diffs = settings_differences(stored, json.loads(json.dumps(settings)))
+        if diffs:
+            raise ResumeError(
+                f"{path} holds partial results computed with other settings; refusing to resume:\n  "
+                + "\n  ".join(diffs) + f"\nUse the same settings, another --out, or delete {path}.")
+        return Partial(**{k: f[k] for k in Partial._fields})
+
+
+def run_nll(step: Callable, params, make_batches: Callable[[int], Iterable[dict]], *, mesh, rng,
+            num_timesteps: int, settings: dict, start: int, stop: int, batch_size: int,
+            partial_file: str | None = None, progress: bool = True) -> Partial:
+    """Evaluate examples [start, stop) with a `nll.make_chain_fn` step, resumably.
+
+    Args:
+      step: `(params, global batch, rng) -> (NllBatch, index, valid)`.
+      make_batches: `resume_start -> iterator` of this process's rows of the
+        global batches covering [resume_start, stop) (see
+        `data.pipeline.make_eval_iterator`).
+      settings: everything that determines the results (checked on resume).
+      partial_file: where progress is saved after every batch (None: not saved).
+
+    Returns:
+      The accumulated `Partial` over [start, stop).
+    """
+    partial = (load_partial(partial_file, settings, num_timesteps) if partial_file
+               else empty_partial(num_timesteps))
+    done = len(partial.index)
+    if not np.array_equal(partial.index, np.arange(start, start + done)):
+        raise ResumeError(f"{partial_file}: saved examples are not the contiguous range starting at {start}")
+    if start + done >= stop:
+        return partial
+    bar = None
+    if progress and jax.process_index() == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=stop - start, initial=done, desc=f"NLL ({num_timesteps} steps)", unit="img")
+    for local in make_batches(start + done):
+        out, index, valid = step(params, nll.global_batch(mesh, local), rng)
+        partial = append(partial, out, index, valid)
+        if partial_file and jax.process_index() == 0:
+            save_partial(partial_file, partial, settings)
+        if bar is not None:
+            bar.update(int(np.sum(np.asarray(valid))))
+            bar.set_postfix(bpd=f"{partial.total.mean():.4f}")
+    if bar is not None:
+        bar.close()
+    return partial
+
+
+def _quartile_terms(partial: Partial, num_timesteps: int) -> dict:
+    """Per term and t-quartile: mean over examples of the sum over t, and the per-(example, t) mean."""
+    counts = np.bincount(nll.quartile_of(np.arange(num_timesteps), num_timesteps), minlength=nll.NUM_QUARTILES)
+    out = {}
+    for name in nll.TERMS:
+        sums = getattr(partial, f"{name}_q").mean(axis=0)
+        out[name] = {f"q{q}": {"sum": float(sums[q]), "mean": float(sums[q] / max(counts[q], 1))}
+                     for q in range(nll.NUM_QUARTILES)}
+    return out
+
+
+def nll_report(partial: Partial, settings: dict, *, start: int, stop: int) -> dict:
+    """The JSON report: bits/dim, its standard error, prior, per-quartile breakdown, settings."""
+    n = len(partial.total)
+    if n == 0:
+        raise ValueError("no examples were evaluated (empty index range?)")
+    k = partial.vb_t.shape[0]
+    total = partial.total
+    stderr = float(np.std(total, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {
+        "metric": "nll",
+        "bits_per_dim": float(total.mean()),
+        "bits_per_dim_stderr": stderr,
+        "prior_bpd": float(partial.prior.mean()),
+        "vb_bpd": float((total - partial.prior).mean()),
+        "num_examples": n,
+        "index_range": [int(start), int(stop)],
+        "num_timesteps": int(k),
+        "terms_by_quartile": _quartile_terms(partial, k),
+        "settings": settings,
+    }
+
+
+def save_nll_outputs(out: str, report: dict, partial: Partial) -> None:
+    """`out` (JSON report) and `<out stem>_terms.npz` (per-t means, per-example totals)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    n = max(len(partial.total), 1)
+    np.savez(os.path.splitext(out)[0] + "_terms.npz", index=partial.index, total_bpd=partial.total,
+             prior_bpd=partial.prior, vb=partial.vb_t / n, mse=partial.mse_t / n,
+             xstart_mse=partial.xstart_mse_t / n)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def format_table(report: dict) -> str:
+    """A short human-readable summary of a report."""
+    if report.get("metric") != "nll":
+        rows = [(k, v) for k, v in report.items() if isinstance(v, (int, float))]
+        return "\n".join(f"{k:>24s}  {v:.6g}" for k, v in rows)
+    lines = [f"bits/dim  {report['bits_per_dim']:.5f} ± {report['bits_per_dim_stderr']:.5f} (s.e.)  "
+             f"over {report['num_examples']} examples [{report['index_range'][0]}, {report['index_range'][1]})",
+             f"prior     {report['prior_bpd']:.6f}   sum_t vb  {report['vb_bpd']:.5f}",
+             f"{'term':>10s} " + " ".join(f"{'q' + str(q) + ' sum':>12s}" for q in range(4))]
+    for name, qs in report["terms_by_quartile"].items():
+        lines.append(f"{name:>10s} " + " ".join(f"{qs[f'q{q}']['sum']:12.5f}" for q in range(4)))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- entry-point logic
+def load_model(workdir: str, ema_rate: float | None = None):
+    """(module, params, cfg) of a training workdir or a converted OpenAI directory."""
+    try:
+        from diffusion_jax import checkpoints
+    except ImportError:  # The training side is optional; converted directories need only convert.
+        checkpoints = None
+    if checkpoints is not None and hasattr(checkpoints, "load_for_inference"):
+        return checkpoints.load_for_inference(workdir, ema_rate)
+    from diffusion_jax import convert
+    return convert.load_converted(workdir)
+
+
+def _check_image_size(source, image_size: int, channels: int, allow_resize: bool) -> None:
+    shape = np.asarray(source[0]["image"]).shape
+    hw = tuple(shape[:2])
+    if hw != (image_size, image_size) and not allow_resize:
+        raise ValueError(
+            f"the dataset's images are {hw[0]}x{hw[1]} but the model takes {image_size}x{image_size}: "
+            "bits/dim of resized images are not comparable to published numbers. Evaluate on data of the "
+            "model's size, or pass --allow_resize to resize (OpenAI's center_crop_arr) anyway.")
+
+
+def nll_settings(cfg: dict, o: dict, schedule) -> dict:
+    """Everything that determines the NLL numbers (stored in the report, checked on resume)."""
+    d = cfg["diffusion"]
+    return {
+        "workdir": os.path.abspath(o["workdir"]), "checkpoint_step": cfg.get("checkpoint_step"),
+        "ema_rate": cfg.get("ema_rate", o.get("ema_rate")), "data": o["data"], "split": o["split"],
+        "seed": o["seed"], "start": o["start"], "stop": o["stop"],
+        "noise_schedule": d["noise_schedule"], "diffusion_steps": d["diffusion_steps"],
+        "timestep_respacing": o["timestep_respacing"], "num_timesteps": schedule.num_timesteps,
+        "rescale_timesteps": d.get("rescale_timesteps", False), "mean_type": d["mean_type"],
+        "var_type": d["var_type"], "clip_denoised": o["clip_denoised"], "allow_resize": o["allow_resize"],
+        "batch_size": o["batch_size"], "t_chunk": o["t_chunk"],
+    }
+
+
+def evaluate_nll(o: dict) -> dict:
+    """`evaluate.py --metric=nll`: full-chain bits/dim of a checkpoint on a dataset split."""
+    import jax.numpy as jnp
+
+    from diffusion_jax import schedules
+    from diffusion_jax.data import pipeline
+
+    module, params, cfg = load_model(o["workdir"], o.get("ema_rate"))
+    d, m = cfg["diffusion"], cfg["model"]
+    o = dict(o, data=o.get("data") or cfg.get("data", {}).get("name"))
+    if not o["data"]:
+        raise ValueError("no dataset: pass --data (the workdir's config names none)")
+    schedule = schedules.make_schedule(d["noise_schedule"], d["diffusion_steps"], o["timestep_respacing"],
+                                       d.get("rescale_timesteps", False))
+    source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
+    _check_image_size(source, m["image_size"], m.get("in_channels", 3), o["allow_resize"])
+    stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
+    if o.get("num_samples"):
+        stop = min(stop, o["start"] + o["num_samples"])
+    o = dict(o, stop=stop)
+    mesh = nll.make_mesh()
+    if o["batch_size"] % jax.device_count():
+        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {jax.device_count()} devices")
+    class_cond = m.get("num_classes") is not None
+    step = nll.make_chain_fn(nll.module_apply(module), schedule, mesh=mesh, t_chunk=o["t_chunk"],
+                             mean_type=d["mean_type"], var_type=d["var_type"], clip_denoised=o["clip_denoised"],
+                             class_cond=class_cond)
+    settings = nll_settings(cfg, o, schedule)
+
+    def batches(resume_start):
+        return pipeline.make_eval_iterator(source, batch_size=o["batch_size"], image_size=m["image_size"],
+                                           channels=m.get("in_channels", 3), start=resume_start, stop=stop,
+                                           with_labels=class_cond)
+
+    params = jax.tree.map(jnp.asarray, params)
+    partial = run_nll(step, params, batches, mesh=mesh, rng=jax.random.key(o["seed"]),
+                      num_timesteps=schedule.num_timesteps, settings=settings, start=o["start"], stop=stop,
+                      batch_size=o["batch_size"], partial_file=partial_path(o["out"]))
+    report = nll_report(partial, settings, start=o["start"], stop=stop)
+    if jax.process_index() == 0:
+        save_nll_outputs(o["out"], report, partial)
+    return report
