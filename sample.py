@@ -1,0 +1,59 @@
+"""Sample images from a trained or converted diffusion model.
+
+    python sample.py --workdir=runs/digits --num_samples=64 --timestep_respacing=100
+    python sample.py --workdir=converted/256x256_diffusion_uncond --use_ddim --timestep_respacing=ddim25 \
+        --classifier_workdir=converted/256x256_classifier --classifier_scale=10
+
+Writes `samples_NxHxWxC.npz` (OpenAI's `arr_0` uint8 NHWC / `arr_1` labels) and a
+PNG grid to --out (default <workdir>/samples) and prints both paths.  The work
+lives in `diffusion_jax.sample_lib`.
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
+flags.DEFINE_integer("num_samples", 16, "Number of images.")
+flags.DEFINE_integer("batch_size", 16, "Global batch size (rounded up to a multiple of the device count).")
+flags.DEFINE_string("timestep_respacing", None, "'N', 'a,b,c' or 'ddimN'; default: the checkpoint's own.")
+flags.DEFINE_boolean("use_ddim", False, "DDIM instead of ancestral sampling.")
+flags.DEFINE_float("eta", 0.0, "DDIM eta (needs --use_ddim).")
+flags.DEFINE_boolean("clip_denoised", True, "Clip the x0 prediction to [-1, 1] at every step.")
+flags.DEFINE_string("labels", None, "Comma list of classes (cycled), 'random' or 'null'; default random if needed.")
+flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (model must have a null label).")
+flags.DEFINE_string("classifier_workdir", None, "Noisy classifier (workdir or converted dir) for guidance.")
+flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale.")
+flags.DEFINE_integer("seed", 0, "Sample i is a function of (seed, i) only.")
+flags.DEFINE_float("ema_rate", None, "Which EMA of a training workdir to use; default: the checkpoint's choice.")
+flags.DEFINE_string("out", None, "Output directory (or a .npz path); default <workdir>/samples.")
+flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    from diffusion_jax import sample_lib
+
+    opts = sample_lib.SampleOptions(
+        num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, timestep_respacing=FLAGS.timestep_respacing,
+        use_ddim=FLAGS.use_ddim, eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised, labels=FLAGS.labels,
+        cfg_scale=FLAGS.cfg_scale, classifier_workdir=FLAGS.classifier_workdir,
+        classifier_scale=FLAGS.classifier_scale, seed=FLAGS.seed, ema_rate=FLAGS.ema_rate, out=FLAGS.out,
+        progress=FLAGS.progress)
+    paths = sample_lib.run(FLAGS.workdir, opts)
+    if paths is not None:
+        print(f"wrote {paths[0]}")
+        print(f"wrote {paths[1]}")
+
+
+if __name__ == "__main__":
+    app.run(main)
