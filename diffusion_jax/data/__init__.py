@@ -8,19 +8,32 @@
 See `pipeline` for checkpointing the iterator with orbax.
 """
 
-from diffusion_jax.data.digits import Digits
-from diffusion_jax.data.digits import ensure_prepared
-from diffusion_jax.data.folders import ImageFolderSource
-from diffusion_jax.data.folders import center_crop_arr
-from diffusion_jax.data.pipeline import make_eval_iterator
-from diffusion_jax.data.pipeline import make_source
-from diffusion_jax.data.pipeline import make_train_iterator
-from diffusion_jax.data.pipeline import num_eval_batches
-from diffusion_jax.data.pipeline import resize_uint8
-from diffusion_jax.data.pipeline import uint8_to_float
+from diffusion_jax.data.digits import Digits, ensure_prepared
+from diffusion_jax.data.folders import ImageFolderSource, center_crop_arr
+from diffusion_jax.data.pipeline import (
+    ArraySource,
+    load_in_memory,
+    make_eval_iterator,
+    make_source,
+    make_train_iterator,
+    num_eval_batches,
+    resize_uint8,
+    shard_range,
+    uint8_to_float,
+)
 
 __all__ = [
-    "Digits", "ensure_prepared", "ImageFolderSource", "center_crop_arr",
-    "make_eval_iterator", "make_source", "make_train_iterator",
-    "num_eval_batches", "resize_uint8", "uint8_to_float",
+    "ArraySource",
+    "Digits",
+    "ImageFolderSource",
+    "center_crop_arr",
+    "ensure_prepared",
+    "load_in_memory",
+    "make_eval_iterator",
+    "make_source",
+    "make_train_iterator",
+    "num_eval_batches",
+    "resize_uint8",
+    "shard_range",
+    "uint8_to_float",
 ]

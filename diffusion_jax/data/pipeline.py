@@ -37,13 +37,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Iterator
+from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
 
 from diffusion_jax.data import digits as digits_lib
 from diffusion_jax.data import folders
@@ -54,490 +54,546 @@ FOLDER_PREFIX = "folder:"
 # ----------------------------------------------------------------- sources ---
 
 
-def make_source(name: str, split: str, *, data_dir: str | None = None,
-                in_memory: bool | None = None):
-  """Returns a random-access source for a dataset name; never downloads.
+def make_source(
+    name: str, split: str, *, data_dir: str | None = None, in_memory: bool | None = None
+):
+    """Returns a random-access source for a dataset name; never downloads.
 
-  Args:
-    name: "digits" (the embedded dataset, prepared offline on first use),
-      "folder:/path/to/images" (OpenAI-style image folder; uses
-      `/path/to/images/<split>` when that directory exists, else the whole
-      folder for every split), or the name of a TFDS dataset already prepared
-      in array_record format under `data_dir` (e.g. "cifar10",
-      "imagenet_resized/64x64").
-    split: TFDS split, e.g. "train", "test", "train[:90%]".
-    data_dir: TFDS data directory; None means TFDS's default (`TFDS_DATA_DIR`
-      or ~/tensorflow_datasets).
-    in_memory: read the whole split into an `ArraySource` once (fast batches,
-      no per-record decoding). Default: True for "digits", False otherwise.
+    Args:
+      name: "digits" (the embedded dataset, prepared offline on first use),
+        "folder:/path/to/images" (OpenAI-style image folder; uses
+        `/path/to/images/<split>` when that directory exists, else the whole
+        folder for every split), or the name of a TFDS dataset already prepared
+        in array_record format under `data_dir` (e.g. "cifar10",
+        "imagenet_resized/64x64").
+      split: TFDS split, e.g. "train", "test", "train[:90%]".
+      data_dir: TFDS data directory; None means TFDS's default (`TFDS_DATA_DIR`
+        or ~/tensorflow_datasets).
+      in_memory: read the whole split into an `ArraySource` once (fast batches,
+        no per-record decoding). Default: True for "digits", False otherwise.
 
-  Returns:
-    An object with `__len__` and `__getitem__` yielding dicts of NumPy values
-    ({"image": uint8 [H, W, C], "label": int, "caption": ...}).
+    Returns:
+      An object with `__len__` and `__getitem__` yielding dicts of NumPy values
+      ({"image": uint8 [H, W, C], "label": int, "caption": ...}).
 
-  Raises:
-    ValueError: unknown dataset, or one that is not prepared (the message says
-      how to prepare it).
-  """
-  if in_memory is None:
-    in_memory = name == "digits"
-  source = _make_source(name, split, data_dir)
-  return load_in_memory(source) if in_memory else source
+    Raises:
+      ValueError: unknown dataset, or one that is not prepared (the message says
+        how to prepare it).
+    """
+    if in_memory is None:
+        in_memory = name == "digits"
+    source = _make_source(name, split, data_dir)
+    return load_in_memory(source) if in_memory else source
 
 
 def _make_source(name: str, split: str, data_dir: str | None):
-  if name == "digits":
-    return digits_lib.ensure_prepared(data_dir).as_data_source(split)
-  if name.startswith(FOLDER_PREFIX):
-    root = os.path.expanduser(name[len(FOLDER_PREFIX):])
-    if not os.path.isdir(root):
-      raise ValueError(f"Image folder {root!r} (from data name {name!r}) does "
-                       "not exist.")
-    split_dir = os.path.join(root, split)
-    return folders.ImageFolderSource(
-        split_dir if os.path.isdir(split_dir) else root)
-  return _tfds_source(name, split, data_dir)
+    if name == "digits":
+        return digits_lib.ensure_prepared(data_dir).as_data_source(split)
+    if name.startswith(FOLDER_PREFIX):
+        root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
+        if not os.path.isdir(root):
+            raise ValueError(f"Image folder {root!r} (from data name {name!r}) does not exist.")
+        split_dir = os.path.join(root, split)
+        return folders.ImageFolderSource(split_dir if os.path.isdir(split_dir) else root)
+    return _tfds_source(name, split, data_dir)
 
 
 def _how_to_prepare(name: str, data_dir: str | None) -> str:
-  where = f" --data_dir={data_dir}" if data_dir else ""
-  return (f"Prepare it once, on a machine with network access, with `tfds build "
-          f"{name.split(':')[0]}{where} --file_format=array_record` (see "
-          "https://www.tensorflow.org/datasets/cli), then point data_dir at "
-          "that directory. This library never downloads data itself.")
+    where = f" --data_dir={data_dir}" if data_dir else ""
+    return (
+        f"Prepare it once, on a machine with network access, with `tfds build "
+        f"{name.split(':')[0]}{where} --file_format=array_record` (see "
+        "https://www.tensorflow.org/datasets/cli), then point data_dir at "
+        "that directory. This library never downloads data itself."
+    )
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None):
-  """A prepared TFDS dataset as a data source, or a ValueError saying why not."""
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(
-        f"Unknown dataset {name!r}: it is neither 'digits', 'folder:/path' nor "
-        f"a TFDS dataset name. {_how_to_prepare(name, data_dir)}") from e
-  try:
-    # The builder's own reader (not `tfds.data_source`, whose default would
-    # download). Under `tfds.testing.mock_data` this returns fake examples.
-    return builder.as_data_source(split=split)
-  except Exception as e:  # pylint: disable=broad-except
-    if builder.is_prepared():
-      raise ValueError(
-          f"TFDS dataset {name!r} in {builder.data_dir} cannot be read as a "
-          f"random-access source for split {split!r} ({e}). It must be "
-          f"prepared with --file_format=array_record. "
-          f"{_how_to_prepare(name, data_dir)}") from e
-    raise ValueError(
-        f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
-        f"{_how_to_prepare(name, data_dir)}") from e
+    """A prepared TFDS dataset as a data source, or a ValueError saying why not."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"Unknown dataset {name!r}: it is neither 'digits', 'folder:/path' nor "
+            f"a TFDS dataset name. {_how_to_prepare(name, data_dir)}"
+        ) from e
+    try:
+        # The builder's own reader (not `tfds.data_source`, whose default would
+        # download). Under `tfds.testing.mock_data` this returns fake examples.
+        return builder.as_data_source(split=split)
+    except Exception as e:  # pylint: disable=broad-except
+        if builder.is_prepared():
+            raise ValueError(
+                f"TFDS dataset {name!r} in {builder.data_dir} cannot be read as a "
+                f"random-access source for split {split!r} ({e}). It must be "
+                f"prepared with --file_format=array_record. "
+                f"{_how_to_prepare(name, data_dir)}"
+            ) from e
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
+            f"{_how_to_prepare(name, data_dir)}"
+        ) from e
 
 
 # ------------------------------------------------------ per-example steps ---
 
 
 def uint8_to_float(image: np.ndarray) -> np.ndarray:
-  """uint8 [..] -> float32 in [-1, 1], exactly x / 127.5 - 1 (0 -> -1, 255 -> 1)."""
-  return np.asarray(image, np.float32) / np.float32(127.5) - np.float32(1.0)
+    """uint8 [..] -> float32 in [-1, 1], exactly x / 127.5 - 1 (0 -> -1, 255 -> 1)."""
+    return np.asarray(image, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Deterministic resize of uint8 [H, W, C] to [image_size, image_size, C].
+    """Deterministic resize of uint8 [H, W, C] to [image_size, image_size, C].
 
-  Uses OpenAI's `center_crop_arr` (BOX halvings, one BICUBIC resize, centre
-  crop) for every source, so folders, TFDS and `digits` (8x8 -> 16 or 32,
-  BICUBIC upsampling) are all handled the same way.
-  """
-  if image.shape[-1] in (1, 3):
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = folders.center_crop_arr(pil, image_size)
-    return out.reshape(image_size, image_size, image.shape[-1])
-  planes = [folders.center_crop_arr(Image.fromarray(image[..., c]), image_size)
-            for c in range(image.shape[-1])]
-  return np.stack(planes, axis=-1)
+    Uses OpenAI's `center_crop_arr` (BOX halvings, one BICUBIC resize, centre
+    crop) for every source, so folders, TFDS and `digits` (8x8 -> 16 or 32,
+    BICUBIC upsampling) are all handled the same way.
+    """
+    if image.shape[-1] in (1, 3):
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        out = folders.center_crop_arr(pil, image_size)
+        return out.reshape(image_size, image_size, image.shape[-1])
+    planes = [
+        folders.center_crop_arr(Image.fromarray(image[..., c]), image_size)
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(planes, axis=-1)
 
 
 def _as_image(value: Any) -> np.ndarray:
-  image = np.asarray(value)
-  return image[..., None] if image.ndim == 2 else image
+    image = np.asarray(value)
+    return image[..., None] if image.ndim == 2 else image
 
 
 def _as_str(value: Any) -> str:
-  value = value.item() if isinstance(value, np.ndarray) else value
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    value = value.item() if isinstance(value, np.ndarray) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class ArraySource:
-  """A dataset held in memory as stacked NumPy arrays (one row per example).
+    """A dataset held in memory as stacked NumPy arrays (one row per example).
 
-  `source[i]` -> {"image": uint8 [H, W, C], "label": int64, ...};
-  `source.read_batch(indices)` -> the same fields stacked, without a per-example
-  Python loop. Small datasets (`digits`, CIFAR-10) read this way are two to three
-  orders of magnitude faster than decoding TFDS records one by one.
-  """
+    `source[i]` -> {"image": uint8 [H, W, C], "label": int64, ...};
+    `source.read_batch(indices)` -> the same fields stacked, without a per-example
+    Python loop. Small datasets (`digits`, CIFAR-10) read this way are two to three
+    orders of magnitude faster than decoding TFDS records one by one.
+    """
 
-  def __init__(self, arrays: dict[str, np.ndarray]):
-    lengths = {len(v) for v in arrays.values()}
-    if len(lengths) != 1:
-      raise ValueError(f"Arrays have different lengths: "
-                       f"{ {k: len(v) for k, v in arrays.items()} }.")
-    self.arrays = dict(arrays)
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lengths = {len(v) for v in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"Arrays have different lengths: { {k: len(v) for k, v in arrays.items()} }."
+            )
+        self.arrays = dict(arrays)
 
-  def __len__(self) -> int:
-    return len(next(iter(self.arrays.values())))
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return {k: v[index] for k, v in self.arrays.items()}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: v[index] for k, v in self.arrays.items()}
 
-  def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[indices] for k, v in self.arrays.items()}
+    def read_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.arrays.items()}
 
-  def resized(self, image_size: int) -> ArraySource:
-    """This source with every image resized once by `resize_uint8`."""
-    images = self.arrays["image"]
-    if images.shape[1:3] == (image_size, image_size):
-      return self
-    images = np.stack([resize_uint8(x, image_size) for x in images])
-    return ArraySource(dict(self.arrays, image=images))
+    def resized(self, image_size: int) -> ArraySource:
+        """This source with every image resized once by `resize_uint8`."""
+        images = self.arrays["image"]
+        if images.shape[1:3] == (image_size, image_size):
+            return self
+        images = np.stack([resize_uint8(x, image_size) for x in images])
+        return ArraySource(dict(self.arrays, image=images))
 
-  def __repr__(self) -> str:
-    return f"ArraySource(len={len(self)}, keys={sorted(self.arrays)})"
+    def __repr__(self) -> str:
+        return f"ArraySource(len={len(self)}, keys={sorted(self.arrays)})"
 
 
-def load_in_memory(source, *, keys: tuple[str, ...] = ("image", "label",
-                                                       "caption")) -> ArraySource:
-  """Reads every example of a random-access source into an `ArraySource`.
+def load_in_memory(source, *, keys: tuple[str, ...] = ("image", "label", "caption")) -> ArraySource:
+    """Reads every example of a random-access source into an `ArraySource`.
 
-  Only the features in `keys` that the source has are kept; strings (TFDS
-  returns bytes) become NumPy unicode arrays. Images must share one shape.
-  """
-  indices = list(range(len(source)))
-  if hasattr(source, "__getitems__"):
-    examples = source.__getitems__(indices)
-  else:
-    examples = [source[i] for i in indices]
-  if not examples:
-    raise ValueError(f"The data source {source!r} is empty.")
-  arrays = {}
-  for key in keys:
-    if key not in examples[0]:
-      continue
-    if key == "caption":
-      arrays[key] = np.array([_as_str(e[key]) for e in examples], np.str_)
-    elif key == "image":
-      arrays[key] = np.stack([_as_image(e[key]) for e in examples])
-    else:
-      arrays[key] = np.stack([np.asarray(e[key]) for e in examples])
-  return ArraySource(arrays)
+    Only the features in `keys` that the source has are kept; strings (TFDS
+    returns bytes) become NumPy unicode arrays. Images must share one shape.
+    """
+    # One by one, not `__getitems__`: `tfds.testing.mock_data`'s mock of the
+    # latter is broken, and the batched read is barely faster.
+    examples = [source[i] for i in range(len(source))]
+    if not examples:
+        raise ValueError(f"The data source {source!r} is empty.")
+    arrays = {}
+    for key in keys:
+        if key not in examples[0]:
+            continue
+        if key == "caption":
+            arrays[key] = np.array([_as_str(e[key]) for e in examples], np.str_)
+        elif key == "image":
+            arrays[key] = np.stack([_as_image(e[key]) for e in examples])
+        else:
+            arrays[key] = np.stack([np.asarray(e[key]) for e in examples])
+    return ArraySource(arrays)
 
 
 def _read_examples(source, indices: np.ndarray) -> dict[str, Any]:
-  """Fields of `source` at `indices`: stacked arrays, or lists when ragged."""
-  if hasattr(source, "read_batch"):
-    return source.read_batch(indices)
-  ids = [int(i) for i in indices]
-  if hasattr(source, "__getitems__"):
-    examples = source.__getitems__(ids)
-  else:
-    examples = [source[i] for i in ids]
-  return {k: [e[k] for e in examples] for k in examples[0]}
+    """Fields of `source` at `indices`: stacked arrays, or lists when ragged."""
+    if hasattr(source, "read_batch"):
+        return source.read_batch(indices)
+    examples = [source[int(i)] for i in indices]
+    return {k: [e[k] for e in examples] for k in examples[0]}
 
 
 class _ReadBatch:
-  """Record indices [b] -> a preprocessed batch (resize, [-1, 1], labels).
+    """Record indices [b] -> a preprocessed batch (resize, [-1, 1], labels).
 
-  Works on whole batches so the per-example Python overhead is one resize at
-  most; with an `ArraySource` at the native size there is no per-example work.
-  """
+    Works on whole batches so the per-example Python overhead is one resize at
+    most; with an `ArraySource` at the native size there is no per-example work.
+    """
 
-  def __init__(self, source, *, image_size: int, with_labels: bool,
-               with_captions: bool):
-    self.source = source
-    self.image_size = image_size
-    self.with_labels = with_labels
-    self.with_captions = with_captions
+    def __init__(self, source, *, image_size: int, with_labels: bool, with_captions: bool):
+        self.source = source
+        self.image_size = image_size
+        self.with_labels = with_labels
+        self.with_captions = with_captions
 
-  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    fields = _read_examples(self.source, np.asarray(indices, np.int64))
-    size = (self.image_size, self.image_size)
-    images = [_as_image(x) for x in fields["image"]]
-    images = np.stack([x if x.shape[:2] == size else
-                       resize_uint8(x, self.image_size) for x in images])
-    out = {"image": uint8_to_float(images)}
-    if self.with_labels:
-      out["label"] = np.asarray(fields["label"]).astype(np.int32)
-    if self.with_captions:
-      out["caption"] = np.array([_as_str(c) for c in fields["caption"]],
-                                np.str_)
-    return out
-
-
-def _random_flip(batch: dict[str, np.ndarray],
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Flips each image left-right with probability 1/2 (grain's seeded rng)."""
-  flip = rng.random(batch["image"].shape[0]) < 0.5
-  image = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1],
-                   batch["image"])
-  return dict(batch, image=image)
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        fields = _read_examples(self.source, np.asarray(indices, np.int64))
+        size = (self.image_size, self.image_size)
+        images = [_as_image(x) for x in fields["image"]]
+        images = np.stack(
+            [x if x.shape[:2] == size else resize_uint8(x, self.image_size) for x in images]
+        )
+        out = {"image": uint8_to_float(images)}
+        if self.with_labels:
+            out["label"] = np.asarray(fields["label"]).astype(np.int32)
+        if self.with_captions:
+            out["caption"] = np.array([_as_str(c) for c in fields["caption"]], np.str_)
+        return out
 
 
-def _check_source(source, *, channels: int, with_labels: bool,
-                  with_captions: bool) -> None:
-  """Reads example 0 and fails early, in the caller's process, on mismatches."""
-  if len(source) == 0:
-    raise ValueError(f"The data source {source!r} is empty.")
-  example = source[0]
-  if not isinstance(example, dict) or "image" not in example:
-    raise ValueError(f"Examples of {source!r} must be dicts with an 'image' "
-                     f"feature; got {type(example).__name__} {example!r:.200}.")
-  image = _as_image(example["image"])
-  if image.dtype != np.uint8 or image.ndim != 3:
-    raise ValueError(f"Expected uint8 images [H, W, C]; found {image.dtype} "
-                     f"{image.shape}.")
-  if image.shape[-1] != channels:
-    raise ValueError(
-        f"Channel mismatch: the model expects {channels} channel(s) but the "
-        f"dataset's images have {image.shape[-1]} (shape {image.shape}). Set "
-        f"the image channels (the `channels` argument / the config's model "
-        f"channel setting) to {image.shape[-1]}, or use a dataset with "
-        f"{channels}-channel images.")
-  if with_labels and "label" not in example:
-    raise ValueError(f"Examples have no 'label' (keys: {sorted(example)}); "
-                     "pass with_labels=False or train unconditionally.")
-  if with_captions and "caption" not in example:
-    raise ValueError(f"Examples have no 'caption' (keys: {sorted(example)}); "
-                     "text conditioning needs a captioned dataset.")
+def _random_flip(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Flips each image left-right with probability 1/2 (grain's seeded rng)."""
+    flip = rng.random(batch["image"].shape[0]) < 0.5
+    image = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"])
+    return dict(batch, image=image)
 
 
-def _process_info(process_index: int | None,
-                  process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top  (keeps workers light)
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in "
-                     f"[0, process_count={process_count}).")
-  return process_index, process_count
+def _check_source(source, *, channels: int, with_labels: bool, with_captions: bool) -> None:
+    """Reads example 0 and fails early, in the caller's process, on mismatches."""
+    if len(source) == 0:
+        raise ValueError(f"The data source {source!r} is empty.")
+    example = source[0]
+    if not isinstance(example, dict) or "image" not in example:
+        raise ValueError(
+            f"Examples of {source!r} must be dicts with an 'image' "
+            f"feature; got {type(example).__name__} {example!r:.200}."
+        )
+    image = _as_image(example["image"])
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"Expected uint8 images [H, W, C]; found {image.dtype} {image.shape}.")
+    if image.shape[-1] != channels:
+        raise ValueError(
+            f"Channel mismatch: the model expects {channels} channel(s) but the "
+            f"dataset's images have {image.shape[-1]} (shape {image.shape}). Set "
+            f"the image channels (the `channels` argument / the config's model "
+            f"channel setting) to {image.shape[-1]}, or use a dataset with "
+            f"{channels}-channel images."
+        )
+    if with_labels and "label" not in example:
+        raise ValueError(
+            f"Examples have no 'label' (keys: {sorted(example)}); "
+            "pass with_labels=False or train unconditionally."
+        )
+    if with_captions and "caption" not in example:
+        raise ValueError(
+            f"Examples have no 'caption' (keys: {sorted(example)}); "
+            "text conditioning needs a captioned dataset."
+        )
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top  (keeps workers light)
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+    return process_index, process_count
 
 
 def _per_process(batch_size: int, process_count: int) -> int:
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"Batch size {batch_size} must be a positive multiple of "
-                     f"the number of processes ({process_count}).")
-  return batch_size // process_count
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"Batch size {batch_size} must be a positive multiple of "
+            f"the number of processes ({process_count})."
+        )
+    return batch_size // process_count
 
 
 # -------------------------------------------------------------- iterators ---
 
 
-def shard_range(num_records: int, process_index: int,
-                process_count: int) -> tuple[int, int]:
-  """[lo, hi) of this process's contiguous shard; the first shards get the
-  remainder, so the shards are disjoint and together cover every record."""
-  size, remainder = divmod(num_records, process_count)
-  lo = process_index * size + min(process_index, remainder)
-  return lo, lo + size + (process_index < remainder)
+def shard_range(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[lo, hi) of this process's contiguous shard; the first shards get the
+    remainder, so the shards are disjoint and together cover every record."""
+    size, remainder = divmod(num_records, process_count)
+    lo = process_index * size + min(process_index, remainder)
+    return lo, lo + size + (process_index < remainder)
 
 
 _ENDLESS = 2**62  # "Forever": 2**62 batches.
 
 
 @functools.lru_cache(maxsize=8)
-def _epoch_permutation(num_records: int, seed: int, stream: int,
-                       epoch: int) -> np.ndarray:
-  """A fixed permutation of range(num_records) for (seed, stream, epoch)."""
-  rng = np.random.default_rng([seed, stream, epoch])  # SeedSequence-mixed.
-  perm = rng.permutation(num_records)
-  perm.flags.writeable = False  # Shared by every caller of the cache.
-  return perm
+def _epoch_permutation(num_records: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+    """A fixed permutation of range(num_records) for (seed, stream, epoch)."""
+    rng = np.random.default_rng([seed, stream, epoch])  # SeedSequence-mixed.
+    perm = rng.permutation(num_records)
+    perm.flags.writeable = False  # Shared by every caller of the cache.
+    return perm
 
 
 class _ShuffledBatchIndices:
-  """Batch number k -> record indices [batch_size] in [lo, hi).
+    """Batch number k -> record indices [batch_size] in [lo, hi).
 
-  The index stream is perm(epoch 0) ++ perm(epoch 1) ++ ... of the shard, so
-  every record is seen once per epoch and batches may straddle epochs (no
-  example is ever dropped). One vectorised permutation per epoch replaces
-  grain's per-record `index_shuffle`, which costs ~0.1 ms a record.
-  """
+    The index stream is perm(epoch 0) ++ perm(epoch 1) ++ ... of the shard, so
+    every record is seen once per epoch and batches may straddle epochs (no
+    example is ever dropped). One vectorised permutation per epoch replaces
+    grain's per-record `index_shuffle`, which costs ~0.1 ms a record.
+    """
 
-  def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int,
-               stream: int):
-    self.lo, self.hi = lo, hi
-    self.batch_size = batch_size
-    self.seed = seed
-    self.stream = stream
+    def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, stream: int):
+        self.lo, self.hi = lo, hi
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stream = stream
 
-  def __call__(self, k: int) -> np.ndarray:
-    n = self.hi - self.lo
-    positions = int(k) * self.batch_size + np.arange(self.batch_size)
-    epochs, within = np.divmod(positions, n)
-    out = np.empty(self.batch_size, np.int64)
-    for epoch in np.unique(epochs):
-      mask = epochs == epoch
-      perm = _epoch_permutation(n, self.seed, self.stream, int(epoch))
-      out[mask] = self.lo + perm[within[mask]]
-    return out
+    def __call__(self, k: int) -> np.ndarray:
+        n = self.hi - self.lo
+        positions = int(k) * self.batch_size + np.arange(self.batch_size)
+        epochs, within = np.divmod(positions, n)
+        out = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            perm = _epoch_permutation(n, self.seed, self.stream, int(epoch))
+            out[mask] = self.lo + perm[within[mask]]
+        return out
 
 
-def _to_iterator(ds: grain.MapDataset, *, worker_count: int,
-                 worker_buffer_size: int, read_threads: int,
-                 prefetch: int) -> grain.DatasetIterator:
-  ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                             prefetch_buffer_size=prefetch))
-  if worker_count > 0:
-    # grain reads an absl flag when it starts workers; outside an absl app
-    # (scripts, notebooks, pytest) the flags are unparsed and that read
-    # raises. Their defaults are what such callers want.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    # Worker processes each build whole batches (batch i goes to worker
-    # i % worker_count) and send them through shared memory.
-    ids = ids.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-  return iter(ids)
+def _to_iterator(
+    ds: grain.MapDataset,
+    *,
+    worker_count: int,
+    worker_buffer_size: int,
+    read_threads: int,
+    prefetch: int,
+) -> grain.DatasetIterator:
+    ids = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    )
+    if worker_count > 0:
+        # grain reads an absl flag when it starts workers; outside an absl app
+        # (scripts, notebooks, pytest) the flags are unparsed and that read
+        # raises. Their defaults are what such callers want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # Worker processes each build whole batches (batch i goes to worker
+        # i % worker_count) and send them through shared memory.
+        ids = ids.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+            )
+        )
+    return iter(ids)
 
 
 def make_train_iterator(
-    source, *, global_batch_size: int, image_size: int, channels: int,
-    seed: int, random_flip: bool = False, worker_count: int = 0,
-    worker_buffer_size: int = 2, read_threads: int = 1, prefetch: int = 4,
-    process_index: int | None = None, process_count: int | None = None,
-    with_labels: bool = True, with_captions: bool = False,
+    source,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    channels: int,
+    seed: int,
+    random_flip: bool = False,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 1,
+    prefetch: int = 4,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    with_labels: bool = True,
+    with_captions: bool = False,
 ) -> grain.DatasetIterator:
-  """Infinite, shuffled, per-process training batches; checkpointable.
+    """Infinite, shuffled, per-process training batches; checkpointable.
 
-  Each process takes a contiguous shard of the records (`shard_range`),
-  shuffles it with `seed` (a fresh permutation every epoch), repeats forever,
-  and yields batches of `global_batch_size // process_count`; feed them to
-  `jax.make_array_from_process_local_data`.
+    Each process takes a contiguous shard of the records (`shard_range`),
+    shuffles it with `seed` (a fresh permutation every epoch), repeats forever,
+    and yields batches of `global_batch_size // process_count`; feed them to
+    `jax.make_array_from_process_local_data`.
 
-  Args:
-    source: random-access source from `make_source` (or any object with
-      `__len__`/`__getitem__` returning {"image": uint8 [H, W, C], ...}).
-    global_batch_size: batch size summed over all processes.
-    image_size: output height and width; images of another size are resized
-      with `resize_uint8`.
-    channels: expected image channels; a mismatch raises ValueError.
-    seed: shuffle and flip seed, an int in [0, 2**32).
-    random_flip: random horizontal flips (off by default: digits must not be
-      mirrored).
-    worker_count: grain worker processes (0 = build batches in this process).
-    worker_buffer_size: batches each worker prepares ahead.
-    read_threads: threads building batches ahead in each process (0 = none).
-    prefetch: batches buffered by those threads.
-    process_index, process_count: this process's shard; default
-      `jax.process_index()` / `jax.process_count()`.
-    with_labels, with_captions: include "label" / "caption" in batches.
+    Args:
+      source: random-access source from `make_source` (or any object with
+        `__len__`/`__getitem__` returning {"image": uint8 [H, W, C], ...}).
+      global_batch_size: batch size summed over all processes.
+      image_size: output height and width; images of another size are resized
+        with `resize_uint8`.
+      channels: expected image channels; a mismatch raises ValueError.
+      seed: shuffle and flip seed, an int in [0, 2**32).
+      random_flip: random horizontal flips (off by default: digits must not be
+        mirrored).
+      worker_count: grain worker processes (0 = build batches in this process).
+      worker_buffer_size: batches each worker prepares ahead.
+      read_threads: threads building batches ahead in each process (0 = none).
+      prefetch: batches buffered by those threads.
+      process_index, process_count: this process's shard; default
+        `jax.process_index()` / `jax.process_count()`.
+      with_labels, with_captions: include "label" / "caption" in batches.
 
-  Returns:
-    A grain `DatasetIterator` (`get_state()`/`set_state()`, orbax handler
-    `grain.checkpoint.CheckpointHandler`) over dicts {"image": float32
-    [b, S, S, C] in [-1, 1], "label": int32 [b], "caption": str [b] (when
-    requested)}, b = global_batch_size // process_count.
-  """
-  process_index, process_count = _process_info(process_index, process_count)
-  local_batch = _per_process(global_batch_size, process_count)
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must be in [0, 2**32) for grain; got {seed}.")
-  _check_source(source, channels=channels, with_labels=with_labels,
-                with_captions=with_captions)
-  lo, hi = shard_range(len(source), process_index, process_count)
-  if hi == lo:
-    raise ValueError(f"{len(source)} records cannot be shared by "
-                     f"{process_count} processes.")
-  if isinstance(source, ArraySource):
-    source = source.resized(image_size)  # Resize once, not every epoch.
-  # Element k of the dataset is batch k: its record indices (the stream of
-  # per-epoch permutations of the shard, cut into consecutive pieces), read
-  # and preprocessed in one call.
-  ds = grain.MapDataset.range(_ENDLESS).map(_ShuffledBatchIndices(
-      lo, hi, batch_size=local_batch, seed=int(seed), stream=process_index))
-  ds = ds.map(_ReadBatch(source, image_size=image_size,
-                         with_labels=with_labels, with_captions=with_captions))
-  if random_flip:
-    # grain's seeded random_map draws batch k's rng from (seed, k): resumable,
-    # and independent of worker_count and read_threads.
-    ds = ds.random_map(_random_flip, seed=int(seed))
-  return _to_iterator(ds, worker_count=worker_count,
-                      worker_buffer_size=worker_buffer_size,
-                      read_threads=read_threads, prefetch=prefetch)
+    Returns:
+      A grain `DatasetIterator` (`get_state()`/`set_state()`, orbax handler
+      `grain.checkpoint.CheckpointHandler`) over dicts {"image": float32
+      [b, S, S, C] in [-1, 1], "label": int32 [b], "caption": str [b] (when
+      requested)}, b = global_batch_size // process_count.
+    """
+    process_index, process_count = _process_info(process_index, process_count)
+    local_batch = _per_process(global_batch_size, process_count)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32) for grain; got {seed}.")
+    _check_source(source, channels=channels, with_labels=with_labels, with_captions=with_captions)
+    lo, hi = shard_range(len(source), process_index, process_count)
+    if hi == lo:
+        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes.")
+    if isinstance(source, ArraySource):
+        source = source.resized(image_size)  # Resize once, not every epoch.
+    # Element k of the dataset is batch k: its record indices (the stream of
+    # per-epoch permutations of the shard, cut into consecutive pieces), read
+    # and preprocessed in one call.
+    ds = grain.MapDataset.range(_ENDLESS).map(
+        _ShuffledBatchIndices(lo, hi, batch_size=local_batch, seed=int(seed), stream=process_index)
+    )
+    ds = ds.map(
+        _ReadBatch(
+            source, image_size=image_size, with_labels=with_labels, with_captions=with_captions
+        )
+    )
+    if random_flip:
+        # grain's seeded random_map draws batch k's rng from (seed, k): resumable,
+        # and independent of worker_count and read_threads.
+        ds = ds.random_map(_random_flip, seed=int(seed))
+    return _to_iterator(
+        ds,
+        worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
+        read_threads=read_threads,
+        prefetch=prefetch,
+    )
 
 
 class _ReadEvalBatch:
-  """Eval batch k -> this process's rows, with "index" and "valid".
+    """Eval batch k -> this process's rows, with "index" and "valid".
 
-  Global batch k holds examples start + k * B + [0, B); process p takes rows
-  [p * b, (p + 1) * b) of it. Rows at or past `stop` are padding: they repeat
-  example `start`, keep a unique index (>= stop) and have valid=False.
-  """
+    Global batch k holds examples start + k * B + [0, B); process p takes rows
+    [p * b, (p + 1) * b) of it. Rows at or past `stop` are padding: they repeat
+    example `start`, keep a unique index (>= stop) and have valid=False.
+    """
 
-  def __init__(self, read: _ReadBatch, *, start: int, num_examples: int,
-               global_batch: int, local_batch: int, process_index: int):
-    self.read = read
-    self.start = start
-    self.num_examples = num_examples
-    self.global_batch = global_batch
-    self.local_batch = local_batch
-    self.process_index = process_index
+    def __init__(
+        self,
+        read: _ReadBatch,
+        *,
+        start: int,
+        num_examples: int,
+        global_batch: int,
+        local_batch: int,
+        process_index: int,
+    ):
+        self.read = read
+        self.start = start
+        self.num_examples = num_examples
+        self.global_batch = global_batch
+        self.local_batch = local_batch
+        self.process_index = process_index
 
-  def __call__(self, k: int) -> dict[str, np.ndarray]:
-    offsets = (int(k) * self.global_batch + self.process_index *
-               self.local_batch + np.arange(self.local_batch))
-    valid = offsets < self.num_examples
-    batch = self.read(self.start + np.where(valid, offsets, 0))
-    batch["index"] = (self.start + offsets).astype(np.int32)
-    batch["valid"] = valid
-    return batch
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        offsets = (
+            int(k) * self.global_batch
+            + self.process_index * self.local_batch
+            + np.arange(self.local_batch)
+        )
+        valid = offsets < self.num_examples
+        batch = self.read(self.start + np.where(valid, offsets, 0))
+        batch["index"] = (self.start + offsets).astype(np.int32)
+        batch["valid"] = valid
+        return batch
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
-  """Batches every process yields for `num_examples` at global `batch_size`."""
-  return math.ceil(num_examples / batch_size)
+    """Batches every process yields for `num_examples` at global `batch_size`."""
+    return math.ceil(num_examples / batch_size)
 
 
 def make_eval_iterator(
-    source, *, batch_size: int, image_size: int, channels: int,
-    start: int = 0, stop: int | None = None, process_index: int | None = None,
-    process_count: int | None = None, with_labels: bool = True,
-    with_captions: bool = False, read_threads: int = 1, prefetch: int = 4,
+    source,
+    *,
+    batch_size: int,
+    image_size: int,
+    channels: int,
+    start: int = 0,
+    stop: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    with_labels: bool = True,
+    with_captions: bool = False,
+    read_threads: int = 1,
+    prefetch: int = 4,
 ) -> grain.DatasetIterator:
-  """Deterministic, padded, single-pass batches of examples [start, stop).
+    """Deterministic, padded, single-pass batches of examples [start, stop).
 
-  Every process yields the same number of batches,
-  `num_eval_batches(stop - start, batch_size)`, each of the fixed per-process
-  size `batch_size // process_count`, so all processes enter the same number
-  of collectives. Stacking the processes' rows in process order gives global
-  batch k = examples start + k * batch_size + [0, batch_size).
+    Every process yields the same number of batches,
+    `num_eval_batches(stop - start, batch_size)`, each of the fixed per-process
+    size `batch_size // process_count`, so all processes enter the same number
+    of collectives. Stacking the processes' rows in process order gives global
+    batch k = examples start + k * batch_size + [0, batch_size).
 
-  Args:
-    source: random-access source from `make_source`.
-    batch_size: global batch size (summed over processes).
-    image_size, channels: as in `make_train_iterator`.
-    start, stop: example range of the source (stop None = len(source)).
-    process_index, process_count: default to JAX's.
-    with_labels, with_captions: include "label" / "caption".
-    read_threads, prefetch: background threads and batches they buffer.
+    Args:
+      source: random-access source from `make_source`.
+      batch_size: global batch size (summed over processes).
+      image_size, channels: as in `make_train_iterator`.
+      start, stop: example range of the source (stop None = len(source)).
+      process_index, process_count: default to JAX's.
+      with_labels, with_captions: include "label" / "caption".
+      read_threads, prefetch: background threads and batches they buffer.
 
-  Returns:
-    An iterator of {"image": float32 [b, S, S, C], "label": int32 [b],
-    "index": int32 [b] (global example index; padding rows get indices
-    >= stop), "valid": bool [b] (False on padding rows)}.
-  """
-  process_index, process_count = _process_info(process_index, process_count)
-  local_batch = _per_process(batch_size, process_count)
-  stop = len(source) if stop is None else stop
-  if not 0 <= start <= stop <= len(source):
-    raise ValueError(f"Need 0 <= start <= stop <= {len(source)}; got "
-                     f"start={start}, stop={stop}.")
-  _check_source(source, channels=channels, with_labels=with_labels,
-                with_captions=with_captions)
-  if isinstance(source, ArraySource):
-    source = source.resized(image_size)
-  read = _ReadBatch(source, image_size=image_size, with_labels=with_labels,
-                    with_captions=with_captions)
-  ds = grain.MapDataset.range(num_eval_batches(stop - start, batch_size))
-  ds = ds.map(_ReadEvalBatch(
-      read, start=start, num_examples=stop - start, global_batch=batch_size,
-      local_batch=local_batch, process_index=process_index))
-  return _to_iterator(ds, worker_count=0, worker_buffer_size=1,
-                      read_threads=read_threads, prefetch=prefetch)
+    Returns:
+      An iterator of {"image": float32 [b, S, S, C], "label": int32 [b],
+      "index": int32 [b] (global example index; padding rows get indices
+      >= stop), "valid": bool [b] (False on padding rows)}.
+    """
+    process_index, process_count = _process_info(process_index, process_count)
+    local_batch = _per_process(batch_size, process_count)
+    stop = len(source) if stop is None else stop
+    if not 0 <= start <= stop <= len(source):
+        raise ValueError(
+            f"Need 0 <= start <= stop <= {len(source)}; got start={start}, stop={stop}."
+        )
+    _check_source(source, channels=channels, with_labels=with_labels, with_captions=with_captions)
+    if isinstance(source, ArraySource):
+        source = source.resized(image_size)
+    read = _ReadBatch(
+        source, image_size=image_size, with_labels=with_labels, with_captions=with_captions
+    )
+    ds = grain.MapDataset.range(num_eval_batches(stop - start, batch_size))
+    ds = ds.map(
+        _ReadEvalBatch(
+            read,
+            start=start,
+            num_examples=stop - start,
+            global_batch=batch_size,
+            local_batch=local_batch,
+            process_index=process_index,
+        )
+    )
+    return _to_iterator(
+        ds, worker_count=0, worker_buffer_size=1, read_threads=read_threads, prefetch=prefetch
+    )
