@@ -277,3 +277,27 @@ def evaluate_nll(o: dict) -> dict:
     if jax.process_index() == 0:
         save_nll_outputs(o["out"], report, partial)
     return report
+
+
+def evaluate_samples(o: dict) -> dict:
+    """`evaluate.py --metric=fid|samples`: IS, FID, sFID, precision/recall of --samples vs --ref."""
+    from diffusion_jax.evaluation import inception, metrics
+
+    if not o.get("samples") or not o.get("ref"):
+        raise ValueError("sample metrics need --samples=<samples.npz> and --ref=<reference .npz>")
+    with np.load(o["samples"]) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{o['samples']} has no arr_0 (uint8 NHWC samples, as sample.py writes)")
+        samples = f["arr_0"]
+    if samples.ndim != 4 or samples.shape[-1] != 3:
+        raise ValueError(f"{o['samples']}: arr_0 must be [N, H, W, 3] uint8, got {samples.shape}")
+    ref = metrics.load_reference(o["ref"])
+    module, params = inception.load_inception(o.get("inception_path"))
+    features_fn = inception.make_feature_fn(module, params, batch_size=o.get("batch_size") or 100)
+    report = {"metric": "samples", **metrics.sample_metrics(features_fn, samples, ref),
+              "settings": {"samples": os.path.abspath(o["samples"]), "ref": os.path.abspath(o["ref"])}}
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(o["out"])), exist_ok=True)
+        with open(o["out"], "w") as f:
+            json.dump(report, f, indent=2)
+    return report
