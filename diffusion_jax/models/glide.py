@@ -352,16 +352,29 @@ def glide_model_class(kind: str) -> type:
     return classes[kind]
 
 
-def glide_model_fn(module: Text2ImUNet, params: Any):
+def glide_model_fn(module: Text2ImUNet, params: Any, **fixed):
     """A ``model_fn(x, timesteps, y)`` for samplers and ``guidance.classifier_free``.
 
-    ``y`` is a dict holding either ``tokens``/``mask`` or ``text`` (a
+    Args:
+      module, params: a GLIDE network and its parameters.
+      **fixed: per-image inputs that are not labels (``low_res``,
+        ``inpaint_image``, ``inpaint_mask``) with batch B; when x arrives with
+        batch k*B (classifier-free guidance doubles it) they are tiled k times.
+
+    ``y`` is a dict with ``tokens`` and ``mask``, or with ``text`` (a
     ``TextEncoding`` from ``encode_text``, so the transformer runs once per
-    sampling run), plus optionally ``low_res``, ``inpaint_image``,
-    ``inpaint_mask``; every entry has a leading batch axis.
+    sampling run rather than once per step); guidance's null label is one row
+    of the same structure (the empty caption, or its encoding).
     """
 
     def model_fn(x, timesteps, y):
-        return module.apply({"params": params}, x, timesteps, **dict(y))
+        kw = {}
+        for k, v in fixed.items():
+            if v is not None:
+                reps = x.shape[0] // v.shape[0]
+                if reps * v.shape[0] != x.shape[0]:
+                    raise ValueError(f"{k} has batch {v.shape[0]}, which does not divide x's batch {x.shape[0]}")
+                kw[k] = jnp.tile(v, (reps,) + (1,) * (v.ndim - 1))
+        return module.apply({"params": params}, x, timesteps, **dict(y or {}), **kw)
 
     return model_fn
