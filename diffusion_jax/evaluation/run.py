@@ -76,6 +76,7 @@ def partial_path(out: str) -> str:
 
 def save_partial(path: str, partial: Partial, settings: dict) -> None:
     """Atomic write (tmp file + rename), so a killed run leaves a readable file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, settings=np.array(json.dumps(settings, sort_keys=True)), **partial._asdict())
     os.replace(tmp, path)
