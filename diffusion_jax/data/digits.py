@@ -74,7 +74,10 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
-                    "label": tfds.features.Tensor(shape=(), dtype=np.int64),
+                    # ClassLabel: an int64 scalar like Tensor(shape=(), int64), plus
+                    # class names and num_classes in the dataset info (and valid
+                    # labels from tfds.testing.mock_data).
+                    "label": tfds.features.ClassLabel(names=DIGIT_WORDS),
                     "caption": tfds.features.Tensor(shape=(), dtype=np.str_),
                 }
             ),
