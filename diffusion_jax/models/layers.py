@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+import numpy as np
 
 _ZEROS = nn.initializers.zeros
 
@@ -36,7 +37,11 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
       ``h = dim // 2`` and ``f_i = exp(-ln(max_period) * i / h)``.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    # Frequencies are constants: the float32 exponent as torch forms it, then a
+    # correctly rounded exp (float64 -> float32), which matches torch's float32
+    # exp; XLA's float32 exp differs by an ulp, which t ~ 4000 amplifies to 1e-4.
+    expo = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    freqs = np.exp(expo.astype(np.float64)).astype(np.float32)
     args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
