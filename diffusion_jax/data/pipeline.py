@@ -5,10 +5,10 @@ Sources are random-access (`len(source)`, `source[i]` -> dict with a uint8
 `MapDataset` pipelines whose element k is batch k: each process takes its own
 contiguous shard, shuffles it with the seed (a new permutation each epoch),
 repeats forever, and each batch is read and preprocessed in one call (no
-per-record pipeline stages, which cost grain ~0.1-0.2 ms each). Worker processes (`mp_prefetch`) and prefetch threads build
-whole batches ahead. The iterator state is one batch counter per process
-(workers included), so a restored iterator yields exactly the batches the
-original would have. Randomness (the optional flip) comes from grain's seeded
+per-record pipeline stages, which cost grain ~0.1-0.2 ms each). Worker
+processes (`mp_prefetch`) and prefetch threads build whole batches ahead. The
+iterator state is a batch counter (one per worker), so a restored iterator
+yields exactly the batches the original would have. Randomness (the optional flip) comes from grain's seeded
 `random_map`, a function of (seed, batch number).
 
 Pixels are mapped from uint8 to float32 exactly as `x / 127.5 - 1`, so 0 ->
@@ -28,8 +28,9 @@ Checkpointing a training iterator with orbax (grain ships the handler):
 
 The handler writes one small JSON file per process
 (`process_{i}-of-{n}.json`), so every process saves and restores its own
-shard's position. Without orbax: `state = it.get_state()` (bytes) and
-`it.set_state(state)` on a freshly built iterator with the same arguments.
+shard's position. Without orbax: `state = it.get_state()` (a small
+JSON-serialisable dict) and `it.set_state(state)` on a freshly built iterator
+with the same arguments (the worker count must match).
 """
 
 from __future__ import annotations
@@ -293,9 +294,9 @@ def _check_source(source, *, channels: int, with_labels: bool, with_captions: bo
         raise ValueError(
             f"Channel mismatch: the model expects {channels} channel(s) but the "
             f"dataset's images have {image.shape[-1]} (shape {image.shape}). Set "
-            f"the image channels (the `channels` argument / the config's model "
-            f"channel setting) to {image.shape[-1]}, or use a dataset with "
-            f"{channels}-channel images."
+            f"`channels` (config.data.channels, and config.model.in_channels to "
+            f"match) to {image.shape[-1]}, or use a dataset with {channels}-channel "
+            f"images (image folders are always read as RGB)."
         )
     if with_labels and "label" not in example:
         raise ValueError(
