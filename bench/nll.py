@@ -76,6 +76,14 @@ def main():
         per_batch = per_chunk * n_chunks
         how = (f"EXTRAPOLATED from {args.chunks} timed chunks ({per_chunk * 1e3:.0f} ms per chunk "
                f"x {n_chunks} chunks)")
+    # The same network's plain batch-8 forward in JAX, under this machine's current load.
+    fwd = jax.jit(lambda p, xx, tt: apply(p, xx, tt, None))
+    x8, t8 = x[:8] if b >= 8 else jnp.tile(x, (8 // b + 1, 1, 1, 1))[:8], jnp.full((8,), 500, jnp.int32)
+    jax.block_until_ready(fwd(params, x8, t8))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(fwd(params, x8, t8))
+    print(f"JAX batch-8 forward (one timestep, as calc_bpd_loop does): {(time.perf_counter() - t0) / 3 * 1e3:.0f} ms")
     openai_s = OPENAI_MS_PER_B8_FORWARD / 1e3 * k * b / 8
     print(f"JAX chunked runner: {per_batch:.1f} s per {b} images = {b / per_batch:.4f} images/s  [{how}]")
     print(f"OpenAI calc_bpd_loop (~{OPENAI_MS_PER_B8_FORWARD:.0f} ms per batch-8 forward x {k}): "
