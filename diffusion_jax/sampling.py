@@ -333,13 +333,17 @@ def ddim_sample_loop_with_noise(model_fn: ModelFn, schedule: Schedule, x_T: jax.
 
 def ddim_reverse_sample_loop(model_fn: ModelFn, schedule: Schedule, x_0: jax.Array, *, mean_type: str,
                              var_type: str, clip_denoised: bool = True, y=None, denoised_fn=None) -> jax.Array:
-    """Encode x_0 into x_T with deterministic DDIM steps t = 0..K-1 (one `lax.scan`).
+    """Encode x_0 with deterministic DDIM steps up the chain (one `lax.scan`).
 
-    Running `ddim_sample_loop(..., eta=0, x_T=<this>)` decodes it back (up to
-    the discretisation error of the ODE, small for many steps).
+    x_0 is taken as the sample at level t = 0 (as OpenAI's `ddim_reverse_sample`
+    does) and `ddim_reverse_sample` is applied for t = 0..K-2, ending at level
+    K-1: the level `ddim_sample_loop` starts from.  Decoding with
+    `ddim_sample_loop(..., eta=0, x_T=<this>)` then retraces the chain (up to
+    the ODE discretisation error, first order in the step size), its last step
+    being the usual t = 0 denoising of x_0.
 
     Returns:
-      x_T `[B, H, W, C]`.
+      x_{K-1} `[B, H, W, C]`.
     """
     def body(x, t_scalar):
         t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
@@ -347,5 +351,6 @@ def ddim_reverse_sample_loop(model_fn: ModelFn, schedule: Schedule, x_0: jax.Arr
                                    clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
         return x, None
 
-    x, _ = lax.scan(body, jnp.asarray(x_0, jnp.float32), jnp.arange(schedule.num_timesteps, dtype=jnp.int32))
+    ts = jnp.arange(schedule.num_timesteps - 1, dtype=jnp.int32)
+    x, _ = lax.scan(body, jnp.asarray(x_0, jnp.float32), ts)
     return x
