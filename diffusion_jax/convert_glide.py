@@ -21,23 +21,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax.convert import CheckpointError, _mismatch_error, _unflatten, load_state_dict, to_flax, torch_key
+from diffusion_jax.convert import (
+    CheckpointError,
+    _mismatch_error,
+    _unflatten,
+    load_state_dict,
+    to_flax,
+    torch_key,
+)
 from diffusion_jax.models.glide import glide_model_class
 
 GLIDE_KINDS = ("glide", "glide_upsample", "glide_inpaint", "glide_upsample_inpaint")
 
 # glide_text2im.model_creation.model_and_diffusion_defaults() (24 keys).
-_DEFAULTS = dict(
-    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="", num_heads=1, num_head_channels=64,
-    num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1, text_ctx=128, xf_width=512,
-    xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, diffusion_steps=1000,
-    noise_schedule="squaredcos_cap_v2", timestep_respacing="", use_scale_shift_norm=True, resblock_updown=True,
-    use_fp16=True, cache_text_emb=False, inpaint=False, super_res=False,
-)
+_DEFAULTS = {
+    "image_size": 64, "num_channels": 192, "num_res_blocks": 3, "channel_mult": "", "num_heads": 1, "num_head_channels": 64,
+    "num_heads_upsample": -1, "attention_resolutions": "32,16,8", "dropout": 0.1, "text_ctx": 128, "xf_width": 512,
+    "xf_layers": 16, "xf_heads": 8, "xf_final_ln": True, "xf_padding": True, "diffusion_steps": 1000,
+    "noise_schedule": "squaredcos_cap_v2", "timestep_respacing": "", "use_scale_shift_norm": True, "resblock_updown": True,
+    "use_fp16": True, "cache_text_emb": False, "inpaint": False, "super_res": False,
+}
 # model_and_diffusion_defaults_upsampler() overrides.
-_UPSAMPLER = dict(image_size=256, num_res_blocks=2, noise_schedule="linear", super_res=True)
+_UPSAMPLER = {"image_size": 256, "num_res_blocks": 2, "noise_schedule": "linear", "super_res": True}
 # Accepted beyond GLIDE's names: our kind, gradient checkpointing, compute dtype.
-_EXTRAS = dict(kind=None, use_checkpoint=False, dtype="float32")
+_EXTRAS = {"kind": None, "use_checkpoint": False, "dtype": "float32"}
 _MULT = {256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 _KIND_OF = {(False, False): "glide", (True, False): "glide_upsample", (False, True): "glide_inpaint",
             (True, True): "glide_upsample_inpaint"}
@@ -45,10 +52,10 @@ _KIND_OF = {(False, False): "glide", (True, False): "glide_upsample", (False, Tr
 # OpenAI's released GLIDE checkpoints (glide_text2im/download.py MODEL_PATHS),
 # with the respacing their notebooks sample with.
 GLIDE_PRESETS: dict[str, dict] = {
-    "base": dict(kind="glide", timestep_respacing="100"),
-    "upsample": dict(kind="glide_upsample", timestep_respacing="fast27"),
-    "base-inpaint": dict(kind="glide_inpaint", timestep_respacing="100"),
-    "upsample-inpaint": dict(kind="glide_upsample_inpaint", timestep_respacing="fast27"),
+    "base": {"kind": "glide", "timestep_respacing": "100"},
+    "upsample": {"kind": "glide_upsample", "timestep_respacing": "fast27"},
+    "base-inpaint": {"kind": "glide_inpaint", "timestep_respacing": "100"},
+    "upsample-inpaint": {"kind": "glide_upsample_inpaint", "timestep_respacing": "fast27"},
 }
 
 
@@ -133,23 +140,23 @@ def resolve_glide_flags(flags: Mapping) -> dict:
                 raise ValueError(f"flag {k}={v!r}: {e}") from None
     size = f["image_size"]
     in_ch = {"glide": 3, "glide_upsample": 6, "glide_inpaint": 7, "glide_upsample_inpaint": 10}[kind]
-    model = dict(
-        image_size=size, in_channels=in_ch, model_channels=f["num_channels"], out_channels=6,
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=tuple(size // int(r) for r in str(f["attention_resolutions"]).split(",") if r.strip()),
-        dropout=f["dropout"], channel_mult=_channel_mult(f["channel_mult"], size), use_checkpoint=f["use_checkpoint"],
-        num_heads=f["num_heads"], num_head_channels=f["num_head_channels"], num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"], resblock_updown=f["resblock_updown"], text_ctx=f["text_ctx"],
-        xf_width=f["xf_width"], xf_layers=f["xf_layers"], xf_heads=f["xf_heads"], xf_final_ln=f["xf_final_ln"],
-        xf_padding=f["xf_padding"], dtype=f["dtype"],
-    )
-    diffusion = dict(
-        noise_schedule=f["noise_schedule"], diffusion_steps=f["diffusion_steps"],
-        timestep_respacing=f["timestep_respacing"], rescale_timesteps=False, mean_type="epsilon",
-        var_type="learned_range",
+    model = {
+        "image_size": size, "in_channels": in_ch, "model_channels": f["num_channels"], "out_channels": 6,
+        "num_res_blocks": f["num_res_blocks"],
+        "attention_resolutions": tuple(size // int(r) for r in str(f["attention_resolutions"]).split(",") if r.strip()),
+        "dropout": f["dropout"], "channel_mult": _channel_mult(f["channel_mult"], size), "use_checkpoint": f["use_checkpoint"],
+        "num_heads": f["num_heads"], "num_head_channels": f["num_head_channels"], "num_heads_upsample": f["num_heads_upsample"],
+        "use_scale_shift_norm": f["use_scale_shift_norm"], "resblock_updown": f["resblock_updown"], "text_ctx": f["text_ctx"],
+        "xf_width": f["xf_width"], "xf_layers": f["xf_layers"], "xf_heads": f["xf_heads"], "xf_final_ln": f["xf_final_ln"],
+        "xf_padding": f["xf_padding"], "dtype": f["dtype"],
+    }
+    diffusion = {
+        "noise_schedule": f["noise_schedule"], "diffusion_steps": f["diffusion_steps"],
+        "timestep_respacing": f["timestep_respacing"], "rescale_timesteps": False, "mean_type": "epsilon",
+        "var_type": "learned_range",
         # GLIDE ships no training code; this is guided-diffusion's learned-sigma hybrid loss.
-        loss_type="mse",
-    )
+        "loss_type": "mse",
+    }
     return {"kind": kind, "model": model, "diffusion": diffusion}
 
 
@@ -192,7 +199,7 @@ def glide_example_inputs(kind: str, model: dict) -> tuple[tuple, dict]:
     kw = {}
     if model.get("xf_width", 512):
         ctx = model.get("text_ctx", 128)
-        kw = dict(tokens=jnp.zeros((1, ctx), jnp.int32), mask=jnp.ones((1, ctx), bool))
+        kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
     if kind.startswith("glide_upsample"):
         kw["low_res"] = jnp.zeros((1, s // 4, s // 4, 3))
     return (x, jnp.zeros((1,), jnp.int32)), kw
@@ -203,7 +210,7 @@ def glide_param_shapes(module, kind: str, model: dict) -> dict:
     args, kw = glide_example_inputs(kind, model)
     try:
         tree = jax.eval_shape(lambda k: module.init(k, *args, **kw), jax.random.key(0))["params"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any tracing error means bad settings
         raise ValueError(f"these settings cannot build a GLIDE network: {type(e).__name__}: {e}\n"
                          f"settings: {model}") from None
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]

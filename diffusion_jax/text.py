@@ -63,7 +63,7 @@ class _Padding:
         return tokens, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (the vocabulary files' alphabet)."""
     printable = (

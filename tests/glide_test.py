@@ -10,19 +10,26 @@ import json
 import os
 import re
 
-from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl.testing import absltest, parameterized
 
-from diffusion_jax import convert, convert_glide, gaussian, guidance, sampling, schedules
+from diffusion_jax import (
+    convert,
+    convert_glide,
+    gaussian,
+    guidance,
+    sampling,
+    schedules,
+)
 from diffusion_jax.models import glide
 
 jax.config.update("jax_disable_most_optimizations", True)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity", "glide")
 NETS = ("t2i_pub", "sr_pub", "inp_pub")
-EMB = dict(mean_type="epsilon", var_type="learned_range")
+EMB = {"mean_type": "epsilon", "var_type": "learned_range"}
 
 
 def nhwc(a):
@@ -30,31 +37,31 @@ def nhwc(a):
     return np.moveaxis(np.asarray(a), -3, -1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta(name):
     with open(os.path.join(DATA, f"unet_{name}.json")) as f:
         return json.load(f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def io(name):
     with np.load(os.path.join(DATA, f"unet_{name}_io.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def diffusion_npz():
     with np.load(os.path.join(DATA, "diffusion.npz")) as z:
         return {k: z[k] for k in z.files}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def net(name, source="npz"):
     path = os.path.join(DATA, f"unet_{name}_weights.npz" if source == "npz" else f"unet_{name}.pt")
     return convert_glide.from_openai_glide(path, meta(name)["create_model_kwargs"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_forward(name):
     module, _ = net(name)
 
@@ -65,7 +72,7 @@ def jitted_forward(name):
 
 
 def text_kwargs(d, prefix=""):
-    return dict(tokens=d[prefix + "inputs/tokens"], mask=d[prefix + "inputs/mask"])
+    return {"tokens": d[prefix + "inputs/tokens"], "mask": d[prefix + "inputs/mask"]}
 
 
 def assert_close(got, want, atol, rtol=0.0, what=""):
@@ -281,13 +288,13 @@ class DiffusionParityTest(parameterized.TestCase):
         x, t = nhwc(d["steps/inputs/x_t"]), jnp.asarray(d["steps/inputs/t"], jnp.int32)
         out, noise = nhwc(d["steps/inputs/model_output"]), nhwc(d["steps/inputs/noise"])
         np.testing.assert_array_equal(s.model_timesteps(t), d["steps/model_timesteps"])
-        tol = dict(atol=1e-5, rtol=1e-5)
+        tol = {"atol": 1e-5, "rtol": 1e-5}
         for clip in (True, False):
             pmv = gaussian.p_mean_variance(s, out, x, t, clip_denoised=clip, **EMB)
             for field in pmv._fields:
                 want = d[f"steps/p_mean_variance/clip_{str(clip).lower()}/{field}"]
                 assert_close(np.broadcast_to(getattr(pmv, field), x.shape), nhwc(want), **tol, what=field)
-        model_fn = lambda *_: out  # noqa: E731 - the stand-in network
+        model_fn = lambda *_: out
         got = sampling.p_sample(s, model_fn, x, t, noise, **EMB)
         assert_close(got[0], nhwc(d["steps/p_sample/sample"]), **tol, what="p_sample")
         assert_close(got[1], nhwc(d["steps/p_sample/pred_xstart"]), **tol, what="p_sample x0")

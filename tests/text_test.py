@@ -2,14 +2,15 @@
 built here) and the byte-level fallback."""
 
 import gzip
+import itertools
 import json
 import os
 import shutil
 import tempfile
 
-from absl.testing import absltest, parameterized
 import numpy as np
 import regex
+from absl.testing import absltest, parameterized
 
 from diffusion_jax import text
 
@@ -33,7 +34,7 @@ def reference_encode(s, encoder, merges):
     for piece in PAT.findall(s.lower()):
         word = [chars[b] for b in piece.encode("utf-8")]
         while len(word) > 1:
-            pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+            pairs = [(ranks.get((a, b), float("inf")), i) for i, (a, b) in enumerate(itertools.pairwise(word))]
             rank, i = min(pairs)
             if rank == float("inf"):
                 break

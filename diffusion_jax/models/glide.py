@@ -83,7 +83,7 @@ class GlideAttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, encoder_out: jax.Array | None = None) -> jax.Array:
         b, hh, ww, c = x.shape
         heads = layers.attention_heads(c, self.num_heads, self.num_head_channels)
-        dense = dict(dtype=self.dtype, param_dtype=_F32)
+        dense = {"dtype": self.dtype, "param_dtype": _F32}
         h = layers.GroupNorm32(dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
         qkv = nn.Dense(3 * c, name="qkv", **dense)(h)
         ekv = None

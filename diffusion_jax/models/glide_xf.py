@@ -88,7 +88,7 @@ class _Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w = x.shape[-1]
-        dense = dict(dtype=self.dtype, param_dtype=_F32)
+        dense = {"dtype": self.dtype, "param_dtype": _F32}
         qkv = nn.Dense(3 * w, name="c_qkv", **dense)(x)
         return nn.Dense(w, name="c_proj", **dense)(xf_qkv_attention(qkv, self.heads))
 
@@ -101,7 +101,7 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w = x.shape[-1]
-        dense = dict(dtype=self.dtype, param_dtype=_F32)
+        dense = {"dtype": self.dtype, "param_dtype": _F32}
         h = nn.Dense(4 * w, name="c_fc", **dense)(x)
         return nn.Dense(w, name="c_proj", **dense)(jax.nn.gelu(h, approximate=False))
 
