@@ -239,7 +239,7 @@ def make_feature_fn(module: InceptionV3, params, *, batch_size: int = 100):
             n = len(batch)
             if n < batch_size:  # Pad so the jitted function sees one shape.
                 batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
-            outs.append(jax.tree.map(lambda a: np.asarray(a)[:n], apply(params, batch)))
+            outs.append([np.asarray(a)[:n] for a in apply(params, batch)])
         return InceptionFeatures(*(np.concatenate(f) for f in zip(*outs)))
 
     return features

@@ -13,7 +13,8 @@ trained on digits (`feature_metrics`).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -157,7 +158,7 @@ def sample_metrics(features_fn: Callable, samples, ref: dict, *, k: int = 3, spl
         statistics when present (else the images').
     """
     s = features_fn(samples)
-    out = {"num_samples": int(len(samples)), "inception_score": inception_score(softmax(s.logits), split_size)}
+    out = {"num_samples": len(samples), "inception_score": inception_score(softmax(s.logits), split_size)}
     r = features_fn(ref["images"]) if "images" in ref else None
     ref_pool = ref.get("stats") or feature_stats(r.pool)
     ref_spatial = ref.get("stats_s") or (feature_stats(r.spatial) if r is not None else None)

@@ -21,7 +21,8 @@ from `likelihood.bpd_terms`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -191,7 +192,7 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
 
     def local(params, batch, rng):
         x, y, index = _batch_parts(batch)
-        model_fn = lambda xt, ts, yy: apply_fn(params, xt, ts, yy if class_cond else None)  # noqa: E731
+        model_fn = lambda xt, ts, yy: apply_fn(params, xt, ts, yy if class_cond else None)
         terms = chain_terms(model_fn, schedule, x, y if class_cond else None, index, rng, t_chunk=t_chunk,
                             mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
         out = reduce_chain(terms, batch["valid"])
@@ -254,7 +255,7 @@ def importance_sampled_bpd(model_fn: ModelFn, schedule: Schedule, x_start: jax.A
     """
     t_rng, noise_rng = jax.random.split(rng)
     k = schedule.num_timesteps
-    draw = lambda i: jax.random.choice(jax.random.fold_in(t_rng, i), k, (num_draws,), p=proposal)  # noqa: E731
+    draw = lambda i: jax.random.choice(jax.random.fold_in(t_rng, i), k, (num_draws,), p=proposal)
     t = jax.vmap(draw)(index).astype(jnp.int32)  # [B, D]
     terms = terms_at(model_fn, schedule, x_start, y, index, t, noise_rng, mean_type=mean_type,
                      var_type=var_type, clip_denoised=clip_denoised)
@@ -290,7 +291,7 @@ def make_nll_estimator(apply_fn: ApplyFn, schedule: Schedule, *, mean_type: str,
         index = batch.get("index")
         index = jnp.arange(x.shape[0], dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
         y = batch.get("label") if class_cond else None
-        model_fn = lambda xt, ts, yy: apply_fn(params, xt, ts, yy)  # noqa: E731
+        model_fn = lambda xt, ts, yy: apply_fn(params, xt, ts, yy)
         return importance_sampled_bpd(model_fn, schedule, x, y, index, rng, proposal=p, num_draws=num_draws,
                                       mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
 

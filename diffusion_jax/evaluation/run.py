@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -51,8 +52,8 @@ def empty_partial(num_timesteps: int) -> Partial:
 def append(partial: Partial, out: nll.NllBatch, index, valid) -> Partial:
     """Add one batch's valid rows (a new Partial; float64 on the host)."""
     valid = np.asarray(valid, bool)
-    rows = lambda a: np.asarray(a, np.float64)[valid]  # noqa: E731
-    cat = lambda old, new: np.concatenate([old, new])  # noqa: E731
+    rows = lambda a: np.asarray(a, np.float64)[valid]
+    cat = lambda old, new: np.concatenate([old, new])
     return Partial(
         index=cat(partial.index, np.asarray(index, np.int64)[valid]),
         total=cat(partial.total, rows(out.total)), prior=cat(partial.prior, rows(out.prior)),
@@ -189,8 +190,9 @@ def format_table(report: dict) -> str:
     if report.get("metric") != "nll":
         rows = [(k, v) for k, v in report.items() if isinstance(v, (int, float))]
         return "\n".join(f"{k:>24s}  {v:.6g}" for k, v in rows)
-    lines = [f"bits/dim  {report['bits_per_dim']:.5f} ± {report['bits_per_dim_stderr']:.5f} (s.e.)  "
-             f"over {report['num_examples']} examples [{report['index_range'][0]}, {report['index_range'][1]})",
+    lo, hi = report["index_range"]
+    lines = [(f"bits/dim  {report['bits_per_dim']:.5f} ± {report['bits_per_dim_stderr']:.5f} (s.e.)  "
+              f"over {report['num_examples']} examples [{lo}, {hi})"),
              f"prior     {report['prior_bpd']:.6f}   sum_t vb  {report['vb_bpd']:.5f}",
              f"{'term':>10s} " + " ".join(f"{'q' + str(q) + ' sum':>12s}" for q in range(4))]
     for name, qs in report["terms_by_quartile"].items():
