@@ -9,6 +9,11 @@
   run        what `evaluate.py` runs: resumable NLL loop, reports
 """
 
-from diffusion_jax.evaluation.nll import make_chain_fn, make_mesh, make_nll_estimator, proposal_from_profile
+from diffusion_jax.evaluation.nll import (
+    make_chain_fn,
+    make_mesh,
+    make_nll_estimator,
+    proposal_from_profile,
+)
 
 __all__ = ["make_chain_fn", "make_mesh", "make_nll_estimator", "proposal_from_profile"]
