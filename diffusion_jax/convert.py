@@ -39,7 +39,12 @@ from diffusion_jax.openai_flags import (  # noqa: F401  (re-exported API)
     resolve_preset,
 )
 
-_CONV1D = {"qkv", "proj_out", "qkv_proj", "c_proj"}  # Dense here, Conv1d [O, I, 1] in torch.
+_CONV1D = {
+    "qkv",
+    "proj_out",
+    "qkv_proj",
+    "c_proj",
+}  # Dense here, Conv1d [O, I, 1] in torch.
 _TORCH_HINT = "pip install 'diffusion_jax[torch]'"
 
 
@@ -51,7 +56,9 @@ class CheckpointError(ValueError):
 def torch_key(path: tuple[str, ...]) -> str:
     """Flax param path -> OpenAI state-dict key (``in_layers_2`` -> ``in_layers.2``)."""
     *mods, leaf = path
-    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(
+        leaf, leaf
+    )
     return ".".join([re.sub(r"_(\d+)", r".\1", m) for m in mods] + [leaf])
 
 
@@ -85,7 +92,9 @@ def _from_torch_file(path: str) -> Any:
     try:
         import torch
     except ImportError:
-        raise ImportError(f"reading .pt checkpoints needs PyTorch: {_TORCH_HINT}") from None
+        raise ImportError(
+            f"reading .pt checkpoints needs PyTorch: {_TORCH_HINT}"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -96,8 +105,11 @@ def _from_torch_file(path: str) -> Any:
                 "(torch.save(model.state_dict(), path)) or convert it to .npz/.safetensors."
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+    # torch raises RuntimeError, EOFError, IndexError, ... on junk files.
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _read(path: str) -> Mapping:
@@ -108,16 +120,22 @@ def _read(path: str) -> Mapping:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except Exception as e:  # zipfile.BadZipFile, ValueError, OSError
-            raise CheckpointError(f"{path} is not a readable .npz checkpoint ({e})") from None
+        except Exception as e:  # noqa: BLE001 - BadZipFile, ValueError, OSError
+            raise CheckpointError(
+                f"{path} is not a readable .npz checkpoint ({e})"
+            ) from None
     if ext == ".safetensors":
         from safetensors.numpy import load_file
 
         try:
             return load_file(path)
-        except Exception as e:  # SafetensorError
-            raise CheckpointError(f"{path} is not a readable .safetensors checkpoint ({e})") from None
-    raise CheckpointError(f"{path}: not a checkpoint; expected a .pt, .npz or .safetensors file")
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+            raise CheckpointError(
+                f"{path} is not a readable .safetensors checkpoint ({e})"
+            ) from None
+    raise CheckpointError(
+        f"{path}: not a checkpoint; expected a .pt, .npz or .safetensors file"
+    )
 
 
 def _as_numpy(v) -> np.ndarray:
@@ -145,15 +163,21 @@ def load_state_dict(checkpoint) -> dict[str, np.ndarray]:
     else:
         sd = checkpoint
     if not isinstance(sd, Mapping):
-        raise CheckpointError(f"checkpoint holds a {type(sd).__name__}, not a state dict of arrays")
+        raise CheckpointError(
+            f"checkpoint holds a {type(sd).__name__}, not a state dict of arrays"
+        )
     if "state" in sd and "param_groups" in sd:
         raise CheckpointError(
             "this is optimizer state (keys 'state'/'param_groups'); pass the model file "
             "(model*.pt or ema_*.pt) instead"
         )
-    bad = [k for k, v in sd.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    bad = [
+        k for k, v in sd.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))
+    ]
     if bad:
-        raise CheckpointError(f"checkpoint is not a flat state dict of arrays; non-array entries: {bad[:10]}")
+        raise CheckpointError(
+            f"checkpoint is not a flat state dict of arrays; non-array entries: {bad[:10]}"
+        )
     return {str(k): _as_numpy(v) for k, v in sd.items()}
 
 
@@ -175,10 +199,12 @@ def param_shapes(module, kind: str, model: dict) -> dict[tuple, jax.ShapeDtypeSt
     """{flax path: ShapeDtypeStruct} of the module's params, without initialising them."""
     inputs = example_inputs(kind, model)
     try:
-        tree = jax.eval_shape(lambda k: module.init(k, *inputs), jax.random.key(0))["params"]
-    except Exception as e:
-        raise ValueError(f"these settings cannot build a network: {type(e).__name__}: {e}\nsettings: {model}") from None
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        tree = jax.eval_shape(lambda k: module.init(k, *inputs), jax.random.key(0))
+    except Exception as e:  # noqa: BLE001 - re-raised with the settings that failed
+        raise ValueError(
+            f"these settings cannot build a network: {type(e).__name__}: {e}\nsettings: {model}"
+        ) from None
+    flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
     return {tuple(p.key for p in path): leaf for path, leaf in flat}
 
 
@@ -200,7 +226,9 @@ def _mismatch_error(missing, unexpected, mismatched, what: str) -> CheckpointErr
         lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
     if mismatched:
         lines.append(f"  mis-shaped keys ({len(mismatched)}):")
-        lines += [f"    {k}: checkpoint {got}, expected {want}" for k, got, want in mismatched]
+        lines += [
+            f"    {k}: checkpoint {got}, expected {want}" for k, got, want in mismatched
+        ]
     return CheckpointError("\n".join(lines))
 
 
@@ -247,7 +275,9 @@ def from_openai(checkpoint, flags: dict):
       (NHWC). Params are float32.
     """
     flags = dict(flags)
-    if "repo" not in flags:  # improved-only flags (sigma_small) select improved defaults.
+    if (
+        "repo" not in flags
+    ):  # improved-only flags (sigma_small) select improved defaults.
         from diffusion_jax.openai_flags import defaults
 
         only_improved = set(defaults("improved")) - set(defaults("guided"))
@@ -269,9 +299,16 @@ def save_converted(out_dir: str, cfg: dict, params: dict, source: dict) -> None:
 
     os.makedirs(out_dir, exist_ok=True)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    arrays = {"/".join(p.key for p in path): np.asarray(v, np.float32) for path, v in flat}
+    arrays = {
+        "/".join(p.key for p in path): np.asarray(v, np.float32) for path, v in flat
+    }
     save_file(arrays, os.path.join(out_dir, "params.safetensors"))
-    config = {"kind": cfg["kind"], "model": _jsonable(cfg["model"]), "diffusion": cfg["diffusion"], "source": source}
+    config = {
+        "kind": cfg["kind"],
+        "model": _jsonable(cfg["model"]),
+        "diffusion": cfg["diffusion"],
+        "source": source,
+    }
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -286,7 +323,9 @@ def load_converted(directory: str):
 
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
-    model = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
+    model = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()
+    }
     module = models.build_model(config["kind"], **model)
     shapes = param_shapes(module, config["kind"], model)
     arrays = load_file(os.path.join(directory, "params.safetensors"))
@@ -294,34 +333,62 @@ def load_converted(directory: str):
     missing = sorted(set(want) - set(arrays))
     unexpected = sorted(set(arrays) - set(want))
     mismatched = sorted(
-        (k, tuple(arrays[k].shape), want[k]) for k in set(want) & set(arrays) if tuple(arrays[k].shape) != want[k]
+        (k, tuple(arrays[k].shape), want[k])
+        for k in set(want) & set(arrays)
+        if tuple(arrays[k].shape) != want[k]
     )
     if missing or unexpected or mismatched:
-        raise _mismatch_error(missing, unexpected, mismatched, f"{directory}/params.safetensors")
-    params = _unflatten({tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+        raise _mismatch_error(
+            missing, unexpected, mismatched, f"{directory}/params.safetensors"
+        )
+    params = _unflatten(
+        {tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
+    )
     return module, params, config
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffusion_jax.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="model .pt / .npz / .safetensors")
+    ap = argparse.ArgumentParser(
+        prog="python -m diffusion_jax.convert", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "--checkpoint", required=True, help="model .pt / .npz / .safetensors"
+    )
     group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", choices=sorted(PRESETS), help="a released checkpoint's name")
-    group.add_argument("--flags", help='OpenAI flag string, e.g. "--image_size 64 --num_channels 192"')
-    ap.add_argument("--repo", choices=("improved", "guided"), default="guided", help="whose defaults --flags uses")
+    group.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a released checkpoint's name"
+    )
+    group.add_argument(
+        "--flags", help='OpenAI flag string, e.g. "--image_size 64 --num_channels 192"'
+    )
+    ap.add_argument(
+        "--repo",
+        choices=("improved", "guided"),
+        default="guided",
+        help="whose defaults --flags uses",
+    )
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     if args.preset:
         cfg, p = resolve_preset(args.preset), PRESETS[args.preset]
-        source = {"checkpoint": args.checkpoint, "flags": p["flags"], "repo": p["repo"], "preset": args.preset}
+        source = {
+            "checkpoint": args.checkpoint,
+            "flags": p["flags"],
+            "repo": p["repo"],
+            "preset": args.preset,
+        }
     else:
         cfg = parse_openai_flags(args.flags, args.repo)
         source = {"checkpoint": args.checkpoint, "flags": args.flags, "repo": args.repo}
     module = models.build_model(cfg["kind"], **cfg["model"])
-    params = params_from_state_dict(module, cfg["kind"], cfg["model"], load_state_dict(args.checkpoint))
+    params = params_from_state_dict(
+        module, cfg["kind"], cfg["model"], load_state_dict(args.checkpoint)
+    )
     save_converted(args.out, cfg, params, source)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    print(f"wrote {args.out}/config.json and params.safetensors ({cfg['kind']}, {n:,} parameters)")
+    print(
+        f"wrote {args.out}/config.json and params.safetensors ({cfg['kind']}, {n:,} parameters)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,49 +17,103 @@ from typing import Any
 REPOS = ("improved", "guided")
 KINDS = ("unet", "super_res", "classifier")
 
-_DIFFUSION_IMPROVED = dict(
-    learn_sigma=False, sigma_small=False, diffusion_steps=1000, noise_schedule="linear",
-    timestep_respacing="", use_kl=False, predict_xstart=False, rescale_timesteps=True,
-    rescale_learned_sigmas=True,
-)
-_DIFFUSION_GUIDED = dict(
-    learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
-    use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
-)
-_MODEL_IMPROVED = dict(
-    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
-    attention_resolutions="16,8", dropout=0.0, class_cond=False, use_checkpoint=False,
-    use_scale_shift_norm=True,
-)
+_DIFFUSION_IMPROVED = {
+    "learn_sigma": False,
+    "sigma_small": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": True,
+    "rescale_learned_sigmas": True,
+}
+_DIFFUSION_GUIDED = {
+    "learn_sigma": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
+_MODEL_IMPROVED = {
+    "image_size": 64,
+    "num_channels": 128,
+    "num_res_blocks": 2,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "attention_resolutions": "16,8",
+    "dropout": 0.0,
+    "class_cond": False,
+    "use_checkpoint": False,
+    "use_scale_shift_norm": True,
+}
 _MODEL_GUIDED = dict(
-    _MODEL_IMPROVED, num_head_channels=-1, channel_mult="", resblock_updown=False,
-    use_fp16=False, use_new_attention_order=False,
+    _MODEL_IMPROVED,
+    num_head_channels=-1,
+    channel_mult="",
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
 )
-_CLASSIFIER = dict(
-    classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
-    classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
-    classifier_resblock_updown=True, classifier_pool="attention",
-)
+_CLASSIFIER = {
+    "classifier_use_fp16": False,
+    "classifier_width": 128,
+    "classifier_depth": 2,
+    "classifier_attention_resolutions": "32,16,8",
+    "classifier_use_scale_shift_norm": True,
+    "classifier_resblock_updown": True,
+    "classifier_pool": "attention",
+}
 # Values OpenAI hard-codes, accepted as flags here (DESIGN §4).
-_EXTRAS = dict(
-    kind="unet", num_classes=None, channel_mult="", classifier_channel_mult="",
-    classifier_num_head_channels=64, large_size=256, small_size=64,
-)
+_EXTRAS = {
+    "kind": "unet",
+    "num_classes": None,
+    "channel_mult": "",
+    "classifier_channel_mult": "",
+    "classifier_num_head_channels": 64,
+    "large_size": 256,
+    "small_size": 64,
+}
 # Script-level flags (sampling/training scripts): accepted and ignored, so a
 # whole README command line can be pasted.
-_SCRIPT = dict(
-    clip_denoised=True, num_samples=0, batch_size=0, use_ddim=False, model_path="",
-    classifier_path="", classifier_scale=1.0, base_samples="", data_dir="", val_data_dir="",
-    schedule_sampler="uniform", lr=0.0, weight_decay=0.0, lr_anneal_steps=0, microbatch=-1,
-    ema_rate="", log_interval=0, save_interval=0, resume_checkpoint="", fp16_scale_growth=0.0,
-    noised=True, iterations=0, anneal_lr=False, eval_interval=0,
-)
+_SCRIPT = {
+    "clip_denoised": True,
+    "num_samples": 0,
+    "batch_size": 0,
+    "use_ddim": False,
+    "model_path": "",
+    "classifier_path": "",
+    "classifier_scale": 1.0,
+    "base_samples": "",
+    "data_dir": "",
+    "val_data_dir": "",
+    "schedule_sampler": "uniform",
+    "lr": 0.0,
+    "weight_decay": 0.0,
+    "lr_anneal_steps": 0,
+    "microbatch": -1,
+    "ema_rate": "",
+    "log_interval": 0,
+    "save_interval": 0,
+    "resume_checkpoint": "",
+    "fp16_scale_growth": 0.0,
+    "noised": True,
+    "iterations": 0,
+    "anneal_lr": False,
+    "eval_interval": 0,
+}
 
 # channel_mult defaults per image size (script_util.create_model / create_classifier;
 # improved has 32, guided has 128 and 512; they agree on 64 and 256).
 _UNET_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4), 32: (1, 2, 2, 2),
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
 }
 _SR_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
 _CLASSIFIER_MULT = {k: v for k, v in _UNET_MULT.items() if k != 32}
@@ -110,7 +164,9 @@ def _mult(v) -> tuple:
 
 def _ds(resolutions, image_size: int) -> tuple:
     """Attention resolutions in pixels ('16,8') -> downsample factors (image_size // r)."""
-    items = resolutions.split(",") if isinstance(resolutions, str) else list(resolutions)
+    items = (
+        resolutions.split(",") if isinstance(resolutions, str) else list(resolutions)
+    )
     return tuple(image_size // int(r) for r in items if str(r).strip())
 
 
@@ -129,30 +185,49 @@ def _model_kwargs(kind: str, f: dict) -> dict:
     num_classes = (f["num_classes"] or 1000) if f["class_cond"] else None
     if kind == "classifier":
         size = f["image_size"]
-        return dict(
-            image_size=size, in_channels=3, model_channels=f["classifier_width"],
-            out_channels=f["num_classes"] or 1000, num_res_blocks=f["classifier_depth"],
-            attention_resolutions=_ds(f["classifier_attention_resolutions"], size),
-            channel_mult=_pick_mult(f["classifier_channel_mult"] or f["channel_mult"],
-                                    _CLASSIFIER_MULT, size, "classifier"),
-            use_checkpoint=f["use_checkpoint"], num_head_channels=f["classifier_num_head_channels"],
-            use_scale_shift_norm=f["classifier_use_scale_shift_norm"],
-            resblock_updown=f["classifier_resblock_updown"], pool=f["classifier_pool"],
-        )
+        return {
+            "image_size": size,
+            "in_channels": 3,
+            "model_channels": f["classifier_width"],
+            "out_channels": f["num_classes"] or 1000,
+            "num_res_blocks": f["classifier_depth"],
+            "attention_resolutions": _ds(f["classifier_attention_resolutions"], size),
+            "channel_mult": _pick_mult(
+                f["classifier_channel_mult"] or f["channel_mult"],
+                _CLASSIFIER_MULT,
+                size,
+                "classifier",
+            ),
+            "use_checkpoint": f["use_checkpoint"],
+            "num_head_channels": f["classifier_num_head_channels"],
+            "use_scale_shift_norm": f["classifier_use_scale_shift_norm"],
+            "resblock_updown": f["classifier_resblock_updown"],
+            "pool": f["classifier_pool"],
+        }
     sr = kind == "super_res"
     size = f["large_size"] if sr else f["image_size"]
     mult = _pick_mult(f["channel_mult"], _SR_MULT if sr else _UNET_MULT, size, kind)
-    return dict(
-        image_size=size, in_channels=6 if sr else 3, model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3, num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=_ds(f["attention_resolutions"], size), dropout=f["dropout"],
-        channel_mult=mult, num_classes=num_classes, use_checkpoint=f["use_checkpoint"],
-        num_heads=f["num_heads"], num_head_channels=f.get("num_head_channels", -1),
-        num_heads_upsample=f["num_heads_upsample"], use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f.get("resblock_updown", False),
+    return {
+        "image_size": size,
+        "in_channels": 6 if sr else 3,
+        "model_channels": f["num_channels"],
+        "out_channels": 6 if f["learn_sigma"] else 3,
+        "num_res_blocks": f["num_res_blocks"],
+        "attention_resolutions": _ds(f["attention_resolutions"], size),
+        "dropout": f["dropout"],
+        "channel_mult": mult,
+        "num_classes": num_classes,
+        "use_checkpoint": f["use_checkpoint"],
+        "num_heads": f["num_heads"],
+        "num_head_channels": f.get("num_head_channels", -1),
+        "num_heads_upsample": f["num_heads_upsample"],
+        "use_scale_shift_norm": f["use_scale_shift_norm"],
+        "resblock_updown": f.get("resblock_updown", False),
         # OpenAI's super-res defaults drop use_new_attention_order: always legacy.
-        use_new_attention_order=False if sr else f.get("use_new_attention_order", False),
-    )
+        "use_new_attention_order": False
+        if sr
+        else f.get("use_new_attention_order", False),
+    }
 
 
 def _diffusion(f: dict) -> dict:
@@ -164,12 +239,15 @@ def _diffusion(f: dict) -> dict:
         loss_type = "rescaled_kl"
     else:
         loss_type = "rescaled_mse" if f["rescale_learned_sigmas"] else "mse"
-    return dict(
-        noise_schedule=f["noise_schedule"], diffusion_steps=f["diffusion_steps"],
-        timestep_respacing=f["timestep_respacing"], rescale_timesteps=f["rescale_timesteps"],
-        mean_type="start_x" if f["predict_xstart"] else "epsilon", var_type=var_type,
-        loss_type=loss_type,
-    )
+    return {
+        "noise_schedule": f["noise_schedule"],
+        "diffusion_steps": f["diffusion_steps"],
+        "timestep_respacing": f["timestep_respacing"],
+        "rescale_timesteps": f["rescale_timesteps"],
+        "mean_type": "start_x" if f["predict_xstart"] else "epsilon",
+        "var_type": var_type,
+        "loss_type": loss_type,
+    }
 
 
 def resolve_flags(flags: dict, repo: str = "guided") -> dict:
@@ -208,7 +286,9 @@ def resolve_flags(flags: dict, repo: str = "guided") -> dict:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "classifier" and repo != "guided":
-        raise ValueError("classifiers exist only in guided-diffusion: use repo='guided'")
+        raise ValueError(
+            "classifiers exist only in guided-diffusion: use repo='guided'"
+        )
     return {"kind": kind, "model": _model_kwargs(kind, f), "diffusion": _diffusion(f)}
 
 
@@ -273,18 +353,24 @@ PRESETS: dict[str, dict] = {
     "imagenet64_cond_270M_250K": _p(
         "improved",
         "--image_size 64 --num_channels 192 --num_res_blocks 3 --learn_sigma True --class_cond True"
-        + _ID_COS4K + _ID_NORESCALE,
+        + _ID_COS4K
+        + _ID_NORESCALE,
     ),
     "upsample_cond_500K": _p(
         "improved",
         "--large_size 256 --small_size 64 --num_channels 192 --num_res_blocks 2 --learn_sigma True"
-        " --class_cond True --diffusion_steps 4000 --noise_schedule linear" + _ID_NORESCALE,
+        " --class_cond True --diffusion_steps 4000 --noise_schedule linear"
+        + _ID_NORESCALE,
         "super_res",
     ),
     "lsun_uncond_100M_1200K_bs128": _p("improved", _ID_LSUN),
     "lsun_uncond_100M_2400K_bs64": _p("improved", _ID_LSUN),
-    "imagenet64_uncond_vlb_100M_1500K": _p("improved", _ID_I64 + _ID_COS4K + " --use_kl True"),
-    "cifar10_uncond_vlb_50M_500K": _p("improved", _ID_C10 + _ID_COS4K + " --use_kl True"),
+    "imagenet64_uncond_vlb_100M_1500K": _p(
+        "improved", _ID_I64 + _ID_COS4K + " --use_kl True"
+    ),
+    "cifar10_uncond_vlb_50M_500K": _p(
+        "improved", _ID_C10 + _ID_COS4K + " --use_kl True"
+    ),
     "64x64_diffusion": _p(
         "guided",
         "--attention_resolutions 32,16,8 --class_cond True --dropout 0.1 --image_size 64"
@@ -299,13 +385,17 @@ PRESETS: dict[str, dict] = {
     "256x256_diffusion": _p("guided", _GD_256 + " --class_cond True"),
     "256x256_diffusion_uncond": _p("guided", _GD_256 + " --class_cond False"),
     "512x512_diffusion": _p(
-        "guided", _GD_256.replace("256 --noise", "512 --noise").replace("--use_fp16 True", "--use_fp16 False")
+        "guided",
+        _GD_256.replace("256 --noise", "512 --noise").replace(
+            "--use_fp16 True", "--use_fp16 False"
+        )
         + " --class_cond True",
     ),
     "64_256_upsampler": _p(
         "guided",
         "--attention_resolutions 32,16,8 --class_cond True --large_size 256 --small_size 64"
-        " --noise_schedule linear --num_channels 192 --num_heads 4 --num_res_blocks 2 --use_fp16 True" + _GD,
+        " --noise_schedule linear --num_channels 192 --num_heads 4 --num_res_blocks 2 --use_fp16 True"
+        + _GD,
         "super_res",
     ),
     "128_512_upsampler": _p(
@@ -318,9 +408,12 @@ PRESETS: dict[str, dict] = {
     "lsun_bedroom": _p("guided", _GD_LSUN),
     "lsun_cat": _p("guided", _GD_LSUN),
     "lsun_horse": _p("guided", _GD_LSUN),
-    "lsun_horse_nodropout": _p("guided", _GD_LSUN.replace("--dropout 0.1", "--dropout 0.0")),
+    "lsun_horse_nodropout": _p(
+        "guided", _GD_LSUN.replace("--dropout 0.1", "--dropout 0.0")
+    ),
     "64x64_classifier": _p(
-        "guided", "--image_size 64 --classifier_depth 4 --diffusion_steps 1000 --noise_schedule cosine",
+        "guided",
+        "--image_size 64 --classifier_depth 4 --diffusion_steps 1000 --noise_schedule cosine",
         "classifier",
     ),
     "128x128_classifier": _p("guided", "--image_size 128" + _GD_CLS, "classifier"),

@@ -12,9 +12,9 @@ The U-Net's input blocks and middle block (same parameter names as
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from diffusion_jax.models import layers, unet
 
@@ -38,7 +38,9 @@ class AttentionPool2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         if h != self.spacial_dim or w != self.spacial_dim:
-            raise ValueError(f"AttentionPool2d expects {self.spacial_dim}x{self.spacial_dim}, got {h}x{w}")
+            raise ValueError(
+                f"AttentionPool2d expects {self.spacial_dim}x{self.spacial_dim}, got {h}x{w}"
+            )
         heads = layers.attention_heads(c, 1, self.num_head_channels)
         pos = self.param(
             "positional_embedding",
@@ -48,7 +50,7 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, h * w, c)
         x = jnp.concatenate([jnp.mean(x, axis=1, keepdims=True), x], axis=1)
         x = x + pos.astype(x.dtype)[None]
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
+        dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
         qkv = nn.Dense(3 * c, name="qkv_proj", **dense)(x)
         x = layers.qkv_attention(qkv, heads, legacy=False)
         x = nn.Dense(self.output_dim, name="c_proj", **dense)(x)
@@ -93,7 +95,7 @@ class EncoderUNet(nn.Module):
         if self.pool.startswith("spatial"):
             feats = [jnp.mean(a.astype(jnp.float32), axis=(1, 2)) for a in hs + [h]]
             h = jnp.concatenate(feats, axis=-1)
-            dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
+            dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
             h = nn.Dense(2048, name="out_0", **dense)(h)
             if self.pool == "spatial":
                 h = nn.Dense(self.out_channels, name="out_2", **dense)(nn.relu(h))
@@ -104,8 +106,12 @@ class EncoderUNet(nn.Module):
         h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_0")(h))
         if self.pool == "adaptive":
             h = jnp.mean(h, axis=(1, 2), keepdims=True)
-            h = layers.conv(self.out_channels, self.dtype, kernel=1, zero=True, name="out_3")(h)
+            h = layers.conv(
+                self.out_channels, self.dtype, kernel=1, zero=True, name="out_3"
+            )(h)
             return h.reshape(h.shape[0], -1).astype(jnp.float32)
         spacial = self.image_size // 2 ** (len(self.channel_mult) - 1)
-        h = AttentionPool2d(spacial, self.num_head_channels, self.out_channels, self.dtype, name="out_2")(h)
+        h = AttentionPool2d(
+            spacial, self.num_head_channels, self.out_channels, self.dtype, name="out_2"
+        )(h)
         return h.astype(jnp.float32)

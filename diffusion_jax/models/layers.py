@@ -24,7 +24,9 @@ import numpy as np
 _ZEROS = nn.initializers.zeros
 
 
-def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, max_period: float = 10000.0
+) -> jax.Array:
     """Sinusoidal timestep embedding, OpenAI's layout (cos first), float32.
 
     Args:
@@ -40,7 +42,9 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     # Frequencies are constants: the float32 exponent as torch forms it, then a
     # correctly rounded exp (float64 -> float32), which matches torch's float32
     # exp; XLA's float32 exp differs by an ulp, which t ~ 4000 amplifies to 1e-4.
-    expo = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+    expo = (
+        np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    ) / np.float32(half)
     freqs = np.exp(expo.astype(np.float64)).astype(np.float32)
     args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
@@ -65,7 +69,9 @@ class GroupNorm32(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         if c % self.num_groups:
-            raise ValueError(f"GroupNorm32: {c} channels not divisible by {self.num_groups} groups")
+            raise ValueError(
+                f"GroupNorm32: {c} channels not divisible by {self.num_groups} groups"
+            )
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         xf = x.astype(jnp.float32)
@@ -78,7 +84,14 @@ class GroupNorm32(nn.Module):
         return y.astype(self.dtype)
 
 
-def conv(features: int, dtype, kernel: int = 3, stride: int = 1, zero: bool = False, name=None) -> nn.Conv:
+def conv(
+    features: int,
+    dtype,
+    kernel: int = 3,
+    stride: int = 1,
+    zero: bool = False,
+    name=None,
+) -> nn.Conv:
     """Square conv with PyTorch's symmetric padding ``kernel // 2``; params float32."""
     pad = kernel // 2
     kwargs = {"kernel_init": _ZEROS} if zero else {}
@@ -191,7 +204,9 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
             )
         return channels // num_head_channels
     if num_heads < 1 or channels % num_heads:
-        raise ValueError(f"attention: {channels} channels not divisible by num_heads={num_heads}")
+        raise ValueError(
+            f"attention: {channels} channels not divisible by num_heads={num_heads}"
+        )
     return num_heads
 
 
@@ -243,6 +258,10 @@ class AttentionBlock(nn.Module):
         qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
         h = qkv_attention(qkv, heads, legacy=not self.use_new_attention_order)
         h = nn.Dense(
-            c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_ZEROS, name="proj_out"
+            c,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_ZEROS,
+            name="proj_out",
         )(h)
         return x + h.reshape(b, hh, ww, c)

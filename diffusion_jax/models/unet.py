@@ -19,16 +19,20 @@ so ``input_blocks.1.0.in_layers.2.weight`` lives at
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from diffusion_jax.models import layers
 
 
 def _res_cls(m):
     # static_argnums counts `self` as 0: (x=1, emb=2, train=3).
-    return nn.remat(layers.ResBlock, static_argnums=(3,)) if m.use_checkpoint else layers.ResBlock
+    return (
+        nn.remat(layers.ResBlock, static_argnums=(3,))
+        if m.use_checkpoint
+        else layers.ResBlock
+    )
 
 
 def _attn(m, name: str, num_heads: int) -> nn.Module:
@@ -42,7 +46,9 @@ def _attn(m, name: str, num_heads: int) -> nn.Module:
     )
 
 
-def _res(m, out_channels: int, name: str, up: bool = False, down: bool = False) -> nn.Module:
+def _res(
+    m, out_channels: int, name: str, up: bool = False, down: bool = False
+) -> nn.Module:
     return _res_cls(m)(
         out_channels=out_channels,
         dropout=m.dropout,
@@ -57,7 +63,7 @@ def _res(m, out_channels: int, name: str, up: bool = False, down: bool = False) 
 def time_embed(m, timesteps: jax.Array) -> jax.Array:
     """[B] timesteps -> [B, 4 * model_channels] float32 (sinusoid, Dense, SiLU, Dense)."""
     dim = 4 * m.model_channels
-    dense = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    dense = {"dtype": jnp.float32, "param_dtype": jnp.float32}
     emb = layers.timestep_embedding(timesteps, m.model_channels)
     emb = nn.Dense(dim, name="time_embed_0", **dense)(emb)
     return nn.Dense(dim, name="time_embed_2", **dense)(nn.silu(emb))
@@ -97,7 +103,9 @@ def down_path(m, x: jax.Array, emb: jax.Array, train: bool):
     return h, hs
 
 
-def check_image(x: jax.Array, image_size: int, in_channels: int, what: str = "x") -> None:
+def check_image(
+    x: jax.Array, image_size: int, in_channels: int, what: str = "x"
+) -> None:
     """Raise ValueError unless x is [B, image_size, image_size, in_channels]."""
     want = (image_size, image_size, in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
@@ -108,7 +116,9 @@ def check_image(x: jax.Array, image_size: int, in_channels: int, what: str = "x"
 
 def check_timesteps(timesteps: jax.Array, batch: int) -> None:
     if jnp.ndim(timesteps) != 1 or jnp.shape(timesteps)[0] != batch:
-        raise ValueError(f"timesteps must have shape [{batch}], got {tuple(jnp.shape(timesteps))}")
+        raise ValueError(
+            f"timesteps must have shape [{batch}], got {tuple(jnp.shape(timesteps))}"
+        )
 
 
 class UNet(nn.Module):
@@ -160,13 +170,21 @@ class UNet(nn.Module):
         emb = time_embed(self, timesteps)
         if self.num_classes is not None:
             if y is None:
-                raise ValueError("this model is class-conditional (num_classes set): pass y [B]")
+                raise ValueError(
+                    "this model is class-conditional (num_classes set): pass y [B]"
+                )
             if jnp.shape(y) != (x.shape[0],):
-                raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(jnp.shape(y))}")
+                raise ValueError(
+                    f"y must have shape [{x.shape[0]}], got {tuple(jnp.shape(y))}"
+                )
             rows = self.num_classes + int(self.null_label)
-            emb = emb + nn.Embed(rows, emb.shape[-1], param_dtype=jnp.float32, name="label_emb")(y)
+            emb = emb + nn.Embed(
+                rows, emb.shape[-1], param_dtype=jnp.float32, name="label_emb"
+            )(y)
         elif y is not None:
-            raise ValueError("y was given but the model is unconditional (num_classes is None)")
+            raise ValueError(
+                "y was given but the model is unconditional (num_classes is None)"
+            )
         h, hs = down_path(self, x, emb, train)
         h = self._up_path(h, hs, emb, train)
         h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_0")(h))
@@ -174,7 +192,9 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
     def _up_path(self, h, hs, emb, train):
-        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        heads_up = (
+            self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+        )
         ds, idx = 2 ** (len(self.channel_mult) - 1), 0
         for level, mu in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
@@ -214,8 +234,12 @@ class SuperResUNet(UNet):
     @nn.compact
     def __call__(self, x, timesteps, low_res, y=None, train: bool = False):
         if low_res is None or low_res.ndim != 4 or low_res.shape[0] != x.shape[0]:
-            raise ValueError(f"low_res must be NHWC [B={x.shape[0]}, h, w, C], got {getattr(low_res, 'shape', None)}")
+            raise ValueError(
+                f"low_res must be NHWC [B={x.shape[0]}, h, w, C], got {getattr(low_res, 'shape', None)}"
+            )
         up = bilinear_resize(low_res.astype(jnp.float32), x.shape[1], x.shape[2])
         h = jnp.concatenate([x.astype(jnp.float32), up], axis=-1)
-        check_image(h, self.image_size, self.in_channels, what="concat([x, upsampled low_res])")
+        check_image(
+            h, self.image_size, self.in_channels, what="concat([x, upsampled low_res])"
+        )
         return self._forward(h, timesteps, y, train)
