@@ -151,6 +151,21 @@ class ForwardParityTest(parameterized.TestCase):
         assert_close(np.swapaxes(enc.xf_out, 1, 2), d["text/xf_out"], 2e-5, what="xf_out")
         assert_close(enc.xf_proj, d["text/xf_proj"], 2e-5, what="xf_proj")
 
+    def test_bfloat16_and_remat(self):
+        """bf16 compute keeps float32 params/output; use_checkpoint (remat) changes nothing."""
+        d = io("inp_pub")
+        module, params = net("inp_pub")
+        args = (params, nhwc(d["inputs/x"]), d["inputs/timesteps"], text_kwargs(d))
+
+        def run(m):
+            return jax.jit(lambda p, x, t, kw: m.apply({"params": p}, x, t, **kw))(*args)
+
+        ref = run(module)
+        np.testing.assert_allclose(run(module.clone(use_checkpoint=True)), ref, atol=1e-6)
+        low = run(module.clone(dtype="bfloat16"))
+        self.assertEqual(low.dtype, jnp.float32)
+        self.assertLess(float(jnp.max(jnp.abs(low - ref))), 0.05 * float(jnp.max(jnp.abs(ref))))
+
     def test_input_errors(self):
         d = io("inp_pub")
         module, params = net("inp_pub")
