@@ -58,18 +58,21 @@ def bench(name, module, params, schedule, batch, repeats, ddim):
     compiled = fn.lower(params, rng).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, rng))  # warm-up
-    times = []
+    times, cpu = [], []
     for i in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = compiled(params, jax.random.key(i + 1))
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     best = min(times)
+    # CPU seconds of this process: a contention-independent figure on a shared machine.
+    cpu_ms_step = 1e3 * cpu[int(np.argmin(times))] / schedule.num_timesteps
     k = schedule.num_timesteps
     ms_step = 1e3 * best / k
     print(f"{name:9s} compile {compile_s:6.1f} s | {ms_step:8.1f} ms/step | {batch / best:7.3f} images/s "
           f"| chain {best:6.2f} s (best of {repeats}) | vs OpenAI {OPENAI_MS_PER_STEP / ms_step:5.1f}x "
-          f"| finite {bool(np.isfinite(np.asarray(out)).all())}")
+          f"| process CPU {cpu_ms_step:7.1f} ms/step | finite {bool(np.isfinite(np.asarray(out)).all())}")
 
 
 def main():
