@@ -43,7 +43,7 @@ def make_loop(module, schedule, batch: int, ddim: bool):
 
     def run(params, rng):
         model_fn = lambda x, t, y: module.apply({"params": params}, x, t)
-        kw = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=True)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "clip_denoised": True}
         if ddim:
             return sampling.ddim_sample_loop(rng, model_fn, schedule, shape, eta=0.0, **kw)
         return sampling.p_sample_loop(rng, model_fn, schedule, shape, **kw)

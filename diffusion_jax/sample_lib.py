@@ -204,8 +204,8 @@ def make_sample_fn(module, plan: Plan, opts: SampleOptions, classifier=None) -> 
             cond_fn = guidance.classifier_cond_fn(
                 lambda x, t: classifier.apply({"params": cls_params}, x, t), opts.classifier_scale)
         shape = (sample_ids.shape[0],) + plan.image_shape
-        kw = dict(mean_type=plan.mean_type, var_type=plan.var_type, clip_denoised=opts.clip_denoised,
-                  cond_fn=cond_fn, y=labels, sample_ids=sample_ids, progress=opts.progress)
+        kw = {"mean_type": plan.mean_type, "var_type": plan.var_type, "clip_denoised": opts.clip_denoised,
+                  "cond_fn": cond_fn, "y": labels, "sample_ids": sample_ids, "progress": opts.progress}
         if opts.use_ddim:
             x = sampling.ddim_sample_loop(rng, model_fn, plan.schedule, shape, eta=opts.eta, **kw)
         else:

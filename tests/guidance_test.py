@@ -127,7 +127,7 @@ class ClassifierGuidanceTest(parameterized.TestCase):
         s = schedules.make_schedule("linear", 100, "10")
         cond_fn = guidance.classifier_cond_fn(linear_classifier(self.w), 0.0)
         noise = jax.random.normal(jax.random.key(3), self.x.shape)
-        kw = dict(mean_type="epsilon", var_type="learned_range", y=self.y)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "y": self.y}
         guided, _ = sampling.p_sample(s, toy_model, self.x, self.t, noise, cond_fn=cond_fn, **kw)
         plain, _ = sampling.p_sample(s, toy_model, self.x, self.t, noise, **kw)
         np.testing.assert_array_equal(guided, plain)
@@ -138,7 +138,7 @@ class ClassifierGuidanceTest(parameterized.TestCase):
 
     def test_guidance_raises_target_class_probability(self):
         s = schedules.make_schedule("linear", 100, "10")
-        kw = dict(mean_type="epsilon", var_type="learned_range", y=self.y)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "y": self.y}
         clf = linear_classifier(self.w)
         logp = lambda x: jax.nn.log_softmax(clf(x, self.t))[jnp.arange(3), self.y]
         noise = jnp.zeros_like(self.x)
@@ -157,7 +157,7 @@ class ClassifierGuidanceTest(parameterized.TestCase):
         def run(rng, cfg_scale, cls_scale):
             model_fn = guidance.classifier_free(toy_model, cfg_scale, null_label=NUM_CLASSES)
             cond_fn = guidance.classifier_cond_fn(linear_classifier(self.w), cls_scale)
-            kw = dict(mean_type="epsilon", var_type="learned_range", y=labels)
+            kw = {"mean_type": "epsilon", "var_type": "learned_range", "y": labels}
             loop = sampling.ddim_sample_loop if ddim else sampling.p_sample_loop
             guided = loop(rng, model_fn, s, (2, 4, 4, 3), cond_fn=cond_fn, **kw)
             plain = loop(rng, toy_model, s, (2, 4, 4, 3), **kw)

@@ -38,9 +38,9 @@ def _close(got, want, what, atol=ATOL, rtol=RTOL):
 def _case_inputs(case):
     ref = parity.load("sampling.npz")
     get = lambda k: parity.nhwc(ref[f"{case}/{k}"])
-    return dict(s=schedules.make_schedule(**parity.CASES[case]), x=get("inputs/x_t"), mo=get("inputs/model_output"),
-                noise=get("inputs/sample_noise"), grad=get("inputs/grad"),
-                t=ref[f"{case}/inputs/t"].astype(np.int32), y=ref[f"{case}/inputs/y"].astype(np.int32)), get
+    return {"s": schedules.make_schedule(**parity.CASES[case]), "x": get("inputs/x_t"), "mo": get("inputs/model_output"),
+                "noise": get("inputs/sample_noise"), "grad": get("inputs/grad"),
+                "t": ref[f"{case}/inputs/t"].astype(np.int32), "y": ref[f"{case}/inputs/y"].astype(np.int32)}, get
 
 
 def _step_keys(case):
@@ -64,7 +64,7 @@ class SingleStepParityTest(parameterized.TestCase):
         for kind, m, v, clip, eta in keys:
             c = 6 if v.startswith("LEARNED") else 3  # fixed variances get the first C channels
             model_fn = lambda x, ts, y, c=c: jnp.asarray(inp["mo"][..., :c])
-            kw = dict(mean_type=MEANS[m], var_type=VARS[v], clip_denoised=clip == "clip_true")
+            kw = {"mean_type": MEANS[m], "var_type": VARS[v], "clip_denoised": clip == "clip_true"}
             if kind == "p_sample":
                 fn = lambda x, t, n, kw=kw, f=model_fn: sampling.p_sample(inp["s"], f, x, t, n, **kw)
             elif kind == "ddim_sample":
@@ -81,7 +81,7 @@ class SingleStepParityTest(parameterized.TestCase):
     def test_no_noise_at_t0(self, case):
         inp, _ = _case_inputs(case)
         f = lambda x, ts, y: jnp.asarray(inp["mo"])
-        kw = dict(mean_type="epsilon", var_type="learned_range")
+        kw = {"mean_type": "epsilon", "var_type": "learned_range"}
         t0 = np.zeros_like(inp["t"])
         a, _ = sampling.p_sample(inp["s"], f, inp["x"], t0, inp["noise"], **kw)
         b, _ = sampling.p_sample(inp["s"], f, inp["x"], t0, 5 * inp["noise"], **kw)
@@ -105,7 +105,7 @@ class GuidedParityTest(parameterized.TestCase):
             return jnp.asarray(inp["grad"])
 
         model_fn = lambda xx, ts, yy: jnp.asarray(inp["mo"])
-        kw = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=True)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "clip_denoised": True}
         wrap = jax.jit if jit else (lambda f: f)
         atol = JIT_ATOL if jit else ATOL
         g = lambda k: get(f"{GUIDED}/{k}")
@@ -133,24 +133,24 @@ class GuidedParityTest(parameterized.TestCase):
 
 
 # ----------------------------------------------------------------------------- real networks
-IDIFF_FLAGS = dict(repo="improved", image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1,2",
-                   attention_resolutions="16,8", num_heads=4, learn_sigma=True, class_cond=True, num_classes=10,
-                   use_scale_shift_norm=True)
-GUNET_FLAGS = dict(repo="guided", image_size=32, num_channels=32, num_res_blocks=2, channel_mult="1,1,1",
-                   attention_resolutions="16,8", num_head_channels=16, resblock_updown=True,
-                   use_new_attention_order=True, use_scale_shift_norm=True, learn_sigma=True, class_cond=True,
-                   num_classes=10)
-GCLS_FLAGS = dict(repo="guided", kind="classifier", image_size=32, classifier_width=32, classifier_depth=1,
-                  classifier_channel_mult="1,1,1", classifier_attention_resolutions="16",
-                  classifier_num_head_channels=16, classifier_resblock_updown=True,
-                  classifier_use_scale_shift_norm=True, classifier_pool="attention", num_classes=10)
-LOOP_KW = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=True)
+IDIFF_FLAGS = {"repo": "improved", "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1,2",
+                   "attention_resolutions": "16,8", "num_heads": 4, "learn_sigma": True, "class_cond": True, "num_classes": 10,
+                   "use_scale_shift_norm": True}
+GUNET_FLAGS = {"repo": "guided", "image_size": 32, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,1",
+                   "attention_resolutions": "16,8", "num_head_channels": 16, "resblock_updown": True,
+                   "use_new_attention_order": True, "use_scale_shift_norm": True, "learn_sigma": True, "class_cond": True,
+                   "num_classes": 10}
+GCLS_FLAGS = {"repo": "guided", "kind": "classifier", "image_size": 32, "classifier_width": 32, "classifier_depth": 1,
+                  "classifier_channel_mult": "1,1,1", "classifier_attention_resolutions": "16",
+                  "classifier_num_head_channels": 16, "classifier_resblock_updown": True,
+                  "classifier_use_scale_shift_norm": True, "classifier_pool": "attention", "num_classes": 10}
+LOOP_KW = {"mean_type": "epsilon", "var_type": "learned_range", "clip_denoised": True}
 # Loops with the real networks (README): atol 1e-3, relative for the large
 # intermediate values the strong guidance (scale 20) produces (|x| up to ~60).
 LOOP_ATOL, LOOP_RTOL = 1e-3, 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _network(name, flags_items):
     return convert.from_openai(os.path.join(parity.PARITY_DIR, f"unet_{name}_weights.npz"), dict(flags_items))
 
@@ -230,7 +230,7 @@ class LoopPropertiesTest(parameterized.TestCase):
 
         def run(rng, ids, y):
             shape = (ids.shape[0],) + self.shape[1:]
-            kw = dict(mean_type="epsilon", var_type="learned_range", y=y, sample_ids=ids, progress=progress)
+            kw = {"mean_type": "epsilon", "var_type": "learned_range", "y": y, "sample_ids": ids, "progress": progress}
             if ddim:
                 return sampling.ddim_sample_loop(rng, toy_model, s, shape, eta=0.5, **kw)
             return sampling.p_sample_loop(rng, toy_model, s, shape, **kw)
@@ -288,7 +288,7 @@ class LoopPropertiesTest(parameterized.TestCase):
     def test_explicit_noise_and_x_T_match_drawn(self):
         """The drawn loop equals the explicit-noise loop fed the same draws, and x_T= is used."""
         ids = jnp.arange(8)
-        kw = dict(mean_type="epsilon", var_type="learned_range", return_trajectory=True)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "return_trajectory": True}
 
         @jax.jit
         def run(rng):
@@ -325,7 +325,7 @@ class LoopPropertiesTest(parameterized.TestCase):
         amplifies any mismatch by 1/sqrt(abar).
         """
         x0 = jnp.clip(0.5 * jax.random.normal(jax.random.key(0), (2, 4, 4, 3)), -1, 1)
-        kw = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=False)
+        kw = {"mean_type": "epsilon", "var_type": "learned_range", "clip_denoised": False}
 
         def round_trip(k):
             s = schedules.make_schedule("linear", 1000, str(k))
