@@ -197,6 +197,10 @@ def example_inputs(kind: str, model: dict) -> tuple:
 
 def param_shapes(module, kind: str, model: dict) -> dict[tuple, jax.ShapeDtypeStruct]:
     """{flax path: ShapeDtypeStruct} of the module's params, without initialising them."""
+    if kind.startswith("glide"):
+        from diffusion_jax import convert_glide
+
+        return convert_glide.glide_param_shapes(module, kind, model)
     inputs = example_inputs(kind, model)
     try:
         tree = jax.eval_shape(lambda k: module.init(k, *inputs), jax.random.key(0))
@@ -265,7 +269,9 @@ def from_openai(checkpoint, flags: dict):
       checkpoint: path (``.pt`` via ``torch.load(weights_only=True)``, ``.npz``,
         ``.safetensors``) or a mapping {state-dict key: array}.
       flags: OpenAI ``script_util`` flags (typed or strings) plus ``kind``
-        ("unet" default, "super_res", "classifier"), ``num_classes``,
+        ("unet" default, "super_res", "classifier"; GLIDE's "glide",
+        "glide_upsample", "glide_inpaint", "glide_upsample_inpaint" take
+        glide-text2im's ``model_creation`` names instead), ``num_classes``,
         ``channel_mult``, ``classifier_channel_mult``,
         ``classifier_num_head_channels``, ``large_size``/``small_size`` and
         optionally ``repo`` ("improved" | "guided").
@@ -275,9 +281,11 @@ def from_openai(checkpoint, flags: dict):
       (NHWC). Params are float32.
     """
     flags = dict(flags)
-    if (
-        "repo" not in flags
-    ):  # improved-only flags (sigma_small) select improved defaults.
+    if str(flags.get("kind", "")).startswith("glide") or {"preset", "xf_width", "text_ctx"} & set(flags):
+        from diffusion_jax import convert_glide  # GLIDE kinds use glide-text2im's flag names
+
+        return convert_glide.from_openai_glide(checkpoint, flags)
+    if "repo" not in flags:  # improved-only flags (sigma_small) select improved defaults.
         from diffusion_jax.openai_flags import defaults
 
         only_improved = set(defaults("improved")) - set(defaults("guided"))

@@ -170,25 +170,13 @@ def resolve_glide_preset(name: str, **overrides) -> dict:
 
 # ----------------------------------------------------------------------------- respacing
 def glide_space_timesteps(num_timesteps: int, section_counts) -> set[int]:
-    """GLIDE's ``space_timesteps``: ours plus the ``"fast27"`` preset.
-
-    ``fast27`` is ``"10,10,3,2,2"`` with T-1 replaced by T-3.
-    """
-    if isinstance(section_counts, str) and section_counts.strip() == "fast27":
-        steps = schedules.space_timesteps(num_timesteps, "10,10,3,2,2")
-        steps.remove(num_timesteps - 1)
-        steps.add(num_timesteps - 3)
-        return steps
+    """GLIDE's ``space_timesteps`` (``"fast27"`` included): `schedules.space_timesteps`."""
     return schedules.space_timesteps(num_timesteps, section_counts)
 
 
 def make_glide_schedule(noise_schedule: str, diffusion_steps: int, timestep_respacing="") -> schedules.Schedule:
     """The schedule glide-text2im's ``create_gaussian_diffusion`` builds (no timestep rescaling)."""
-    betas = schedules.get_named_beta_schedule(noise_schedule, diffusion_steps)
-    respacing = timestep_respacing if timestep_respacing not in (None, "") else [diffusion_steps]
-    new_betas, tmap = schedules.respace_betas(betas, glide_space_timesteps(diffusion_steps, respacing))
-    return schedules.Schedule.from_betas(new_betas, tmap, rescale_timesteps=False,
-                                         original_num_steps=diffusion_steps)
+    return schedules.make_schedule(noise_schedule, diffusion_steps, timestep_respacing, rescale_timesteps=False)
 
 
 # ----------------------------------------------------------------------------- params

@@ -69,7 +69,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
       section_counts: "N" / "a,b,c" (split T into equal sections, the first
         T % n sections one step longer, and take evenly spaced points in each
         with Python's round-half-to-even), "ddimN" (the smallest integer stride s
-        with len(range(0, T, s)) == N), or a list of per-section counts.
+        with len(range(0, T, s)) == N), "fast27" (GLIDE's upsampler preset:
+        "10,10,3,2,2" with T-1 swapped for T-3), or a list of per-section counts.
 
     Returns:
       The set of kept original indices.
@@ -79,6 +80,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
     """
     if isinstance(section_counts, str):
         text = section_counts.strip()
+        if text == "fast27":
+            # glide-text2im: avoid DDIM artifacts of starting at T-1.
+            steps = space_timesteps(num_timesteps, "10,10,3,2,2")
+            steps.remove(num_timesteps - 1)
+            steps.add(num_timesteps - 3)
+            return steps
         if text.startswith("ddim"):
             try:
                 desired_count = int(text[len("ddim"):])

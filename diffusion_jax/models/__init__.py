@@ -1,12 +1,18 @@
 """Flax modules: the ADM U-Net, the noisy classifier and GLIDE's text models."""
 
 from diffusion_jax.models.classifier import AttentionPool2d, EncoderUNet
+from diffusion_jax.models.glide import (InpaintText2ImUNet, SuperResInpaintText2ImUNet, SuperResText2ImUNet,
+                                        Text2ImUNet)
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.unet import SuperResUNet, UNet
 
 __all__ = [
     "AttentionPool2d",
     "EncoderUNet",
+    "InpaintText2ImUNet",
+    "SuperResInpaintText2ImUNet",
+    "SuperResText2ImUNet",
+    "Text2ImUNet",
     "SuperResUNet",
     "UNet",
     "build_model",
@@ -29,6 +35,10 @@ def build_model(kind: str, **kwargs):
         "unet": UNet,
         "super_res": SuperResUNet,
         "classifier": EncoderUNet,
+        "glide": Text2ImUNet,
+        "glide_upsample": SuperResText2ImUNet,
+        "glide_inpaint": InpaintText2ImUNet,
+        "glide_upsample_inpaint": SuperResInpaintText2ImUNet,
     }
     if kind not in kinds:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {sorted(kinds)}")
