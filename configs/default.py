@@ -12,7 +12,8 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0  # Everything random is a function of (seed, step) or (seed, index).
-    c.kind = "unet"  # Model kind: "unet" (diffusion) | "classifier" (noisy classifier).
+    c.kind = "unet"  # Model kind: "unet" (diffusion) | "classifier" (noisy classifier) | "glide" |
+    # "glide_upsample" (GLIDE text models: their model group is `glide_model()` below).
 
     # ---- model: fields of diffusion_jax.models.UNet (or EncoderUNet for classifiers).
     c.model = ml_collections.ConfigDict(dict(
@@ -88,6 +89,16 @@ def get_config():
         eval_timesteps=8,  # Importance-sampled timesteps per example for the estimate.
     ))
 
+    # ---- captions (GLIDE kinds only; other kinds ignore this group).
+    c.text = ml_collections.ConfigDict(dict(
+        tokenizer="byte",  # "byte" (UTF-8 bytes, 257 ids; models trained from scratch) | "glide" (GPT-2 BPE).
+        encoder_json=ml_collections.config_dict.placeholder(str),  # "glide": path of encoder.json(.gz).
+        vocab_bpe=ml_collections.config_dict.placeholder(str),  # "glide": path of vocab.bpe(.gz).
+        text_ctx=128,  # Tokens per caption (truncated / padded); must equal model.text_ctx.
+        # Training grids: one row per prompt (train.p_uncond is the empty-caption dropout rate).
+        grid_prompts=("a photo of a cat", "a painting of a fox", "an oil painting of a corgi"),
+    ))
+
     # ---- sample grids written during training (sample.py has its own flags).
     c.sample = ml_collections.ConfigDict(dict(
         num_per_class=8,  # Grid: this many samples for each class (or 64 in all when unconditional).
@@ -96,3 +107,36 @@ def get_config():
         cfg_scale=0.0,  # Classifier-free guidance scale for grids (0: plain conditional).
     ))
     return c
+
+
+def glide_model(**overrides):
+    """The model group of GLIDE kinds: fields of `models.glide.Text2ImUNet`, GLIDE's base defaults.
+
+    Replaces `c.model` (which holds U-Net fields) in configs with a GLIDE `kind`.
+    """
+    m = ml_collections.ConfigDict(dict(
+        image_size=64,  # Must equal data.image_size.
+        in_channels=3,  # Trunk input width: 3 (glide), 6 (glide_upsample: x + upsampled low-res).
+        model_channels=192,  # Base width; timestep embedding and caption projection are 4x this.
+        out_channels=6,  # eps then learned-range variance values (always learned sigma in GLIDE).
+        num_res_blocks=3,
+        attention_resolutions=(2, 4, 8),  # Downsample factors with (text) attention.
+        dropout=0.1,
+        channel_mult=(1, 2, 3, 4),
+        use_checkpoint=False,  # Rematerialise blocks in the backward pass.
+        num_heads=1,
+        num_head_channels=64,  # Channels per attention head (overrides num_heads when not -1).
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        text_ctx=128,  # Caption length in tokens; must equal text.text_ctx.
+        xf_width=512,  # Text transformer width (0: no text path).
+        xf_layers=16,  # Text transformer depth.
+        xf_heads=8,
+        xf_final_ln=True,
+        xf_padding=True,  # Learned padding embedding added where the mask is False.
+        n_vocab=50257,  # Token ids the embedding covers (257 with the byte tokenizer).
+        dtype="float32",  # Compute dtype: "float32" | "bfloat16".
+    ))
+    m.update(overrides)
+    return m

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import checkpoints, models, objectives, parallel, schedules, train_steps
+from diffusion_jax import text_conditioning as tc
 from diffusion_jax.data import pipeline
 
 
@@ -32,7 +33,7 @@ def validate_config(config) -> None:
     if m.image_size != d.image_size:
         raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
                          "set both to the size you train at")
-    if m.in_channels != d.channels:
+    if m.in_channels != d.channels and not tc.is_text_kind(config.kind):
         raise ValueError(f"config.model.in_channels={m.in_channels} but config.data.channels={d.channels}")
     if config.kind == "unet":
         learned = config.diffusion.var_type in ("learned", "learned_range")
@@ -43,11 +44,37 @@ def validate_config(config) -> None:
         if config.train.p_uncond > 0 and not (m.num_classes and m.null_label):
             raise ValueError("config.train.p_uncond > 0 (null-label dropout) needs a class-conditional model "
                              "with config.model.null_label=True")
+    elif tc.is_text_kind(config.kind):
+        _validate_text_config(config)
     elif config.kind != "classifier":
-        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, classifier")
+        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, classifier, "
+                         f"{', '.join(tc.TRAINABLE_TEXT_KINDS)}")
     if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
         raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
                          f"config.train.microbatches={config.train.microbatches}")
+
+
+def _validate_text_config(config) -> None:
+    m, t = config.model, config.text
+    if config.kind not in tc.TRAINABLE_TEXT_KINDS:
+        raise ValueError(f"config.kind={config.kind!r} cannot be trained here (inpainting masks are not "
+                         f"generated); trainable text kinds: {tc.TRAINABLE_TEXT_KINDS}")
+    want_in = config.data.channels * (2 if config.kind == "glide_upsample" else 1)
+    if config.diffusion.var_type not in ("learned", "learned_range") or m.out_channels != 2 * config.data.channels:
+        raise ValueError(f"GLIDE models learn Sigma: set config.diffusion.var_type='learned_range' and "
+                         f"config.model.out_channels={2 * config.data.channels} (got {config.diffusion.var_type!r}, "
+                         f"{m.out_channels})")
+    if m.in_channels != want_in:
+        raise ValueError(f"config.model.in_channels={m.in_channels} but a {config.kind!r} model on "
+                         f"{config.data.channels}-channel images needs {want_in}")
+    if not m.xf_width:
+        raise ValueError("config.model.xf_width=0 leaves the model without a text encoder")
+    if t.text_ctx != m.text_ctx:
+        raise ValueError(f"config.text.text_ctx={t.text_ctx} but config.model.text_ctx={m.text_ctx}; set both")
+    if config.train.eval_every:
+        raise ValueError("config.train.eval_every > 0: test bits/dim during training is not implemented for "
+                         "text models; set config.train.eval_every=0")
+    tc.check_tokenizer_fits(tc.tokenizer_from_config(config), m.n_vocab)
 
 
 def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
@@ -63,12 +90,14 @@ def make_model(config):
 def make_spec(config, schedule) -> train_steps.StepSpec:
     d, t = config.diffusion, config.train
     is_unet = config.kind == "unet"
+    text = tc.is_text_kind(config.kind)
     return train_steps.StepSpec(
         kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
         sampler=objectives.make_timestep_sampler(d.schedule_sampler, schedule.num_timesteps),
         ema_rates=tuple(float(r) for r in t.ema_rates), microbatches=int(t.microbatches),
         num_classes=config.model.num_classes if is_unet else None,
-        null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond))
+        null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond),
+        text=text, end_token=int(tc.tokenizer_from_config(config).end_token) if text else 0)
 
 
 def init_params(model, config, rng):
@@ -77,8 +106,19 @@ def init_params(model, config, rng):
     t = jnp.zeros((1,), jnp.int32)
     if config.kind == "classifier":
         return model.init({"params": rng}, x, t)["params"]
+    if tc.is_text_kind(config.kind):
+        x = x[..., :config.data.channels]
+        ctx = config.model.text_ctx
+        kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
+        if config.kind == "glide_upsample":
+            kw["low_res"] = jnp.zeros((1, s // tc.LOW_RES_FACTOR, s // tc.LOW_RES_FACTOR, config.data.channels))
+        return model.init({"params": rng}, x, t, **kw)["params"]
     y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
     return model.init({"params": rng}, x, t, y)["params"]
+
+
+def _uses_labels(config) -> bool:
+    return config.kind == "classifier" or (config.kind == "unet" and config.model.num_classes is not None)
 
 
 def _data_iterator(config, with_labels: bool):
@@ -87,10 +127,21 @@ def _data_iterator(config, with_labels: bool):
     num_classes = config.model.num_classes if config.kind == "unet" else config.model.out_channels
     if with_labels:
         _check_labels(source, num_classes)
+    with_captions = tc.is_text_kind(config.kind)
+    if with_captions:
+        _check_captions(source, d.name)
     return pipeline.make_train_iterator(
         source, global_batch_size=config.train.batch_size, image_size=d.image_size, channels=d.channels,
         seed=config.seed % 2**32, random_flip=d.random_flip, worker_count=d.worker_count,
-        with_labels=with_labels)
+        with_labels=with_labels, with_captions=with_captions)
+
+
+def _check_captions(source, name: str) -> None:
+    probe = source[0]
+    if "caption" not in probe:
+        raise ValueError(f"the model is text-conditional (a GLIDE kind) but dataset {name!r} has no captions "
+                         f"(its examples hold {sorted(probe)}); use a captioned dataset (e.g. 'digits', or a TFDS "
+                         "dataset with a 'caption' string feature) or a class-conditional kind='unet' model")
 
 
 def _check_labels(source, num_classes: int) -> None:
@@ -205,8 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     spec = make_spec(config, schedule)
     model = make_model(config)
     tx, lr_fn = train_steps.make_optimizer(num_steps=config.train.num_steps, **config.optim.to_dict())
-    with_labels = config.kind == "classifier" or config.model.num_classes is not None
+    with_labels = _uses_labels(config)
     data_it = _data_iterator(config, with_labels)
+    text = _TextBatcher.from_config(config)
 
     repl = parallel.replicated(mesh)
     init = jax.jit(lambda key: train_steps.init_state(init_params(model, config, key), tx, spec), out_shardings=repl)
@@ -219,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx)
     hooks = _Hooks(config, workdir, mesh, model, schedule)
     writer = MetricWriter(workdir)
-    rng = jax.device_put(jax.random.key(config.seed + 1), repl)
+    rng = parallel.replicated_key(mesh, config.seed + 1)
     start = int(jax.device_get(state.step))
     last_good = restored_step
     history, last = [], {}
@@ -228,7 +280,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         with _Preemption() as preempt:
             for step in range(start, config.train.num_steps):
-                batch = parallel.global_batch(mesh, _batch_arrays(next(data_it), with_labels))
+                batch = parallel.global_batch(mesh, _batch_arrays(next(data_it), with_labels, text))
                 state, metrics = step_fn(state, batch, rng)
                 history.append(metrics)
                 done = step + 1
@@ -258,11 +310,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _batch_arrays(batch: dict, with_labels: bool) -> dict:
+def _batch_arrays(batch: dict, with_labels: bool, text=None) -> dict:
     out = {"image": np.asarray(batch["image"], np.float32)}
     if with_labels:
         out["label"] = np.asarray(batch["label"], np.int32)
+    if text is not None:
+        out.update(text(batch))
     return out
+
+
+class _TextBatcher:
+    """Host-side captions -> {"tokens", "mask"} (+ "low_res" for upsamplers) for each batch."""
+
+    def __init__(self, tokenizer, text_ctx: int, low_res: bool):
+        self.tokenizer, self.text_ctx, self.low_res = tokenizer, text_ctx, low_res
+
+    @classmethod
+    def from_config(cls, config):
+        if not tc.is_text_kind(config.kind):
+            return None
+        return cls(tc.tokenizer_from_config(config), config.text.text_ctx, config.kind == "glide_upsample")
+
+    def __call__(self, batch: dict) -> dict:
+        out = tc.caption_batch(self.tokenizer, batch["caption"], self.text_ctx)
+        if self.low_res:
+            out["low_res"] = tc.low_res_of(np.asarray(batch["image"], np.float32))
+        return out
 
 
 def _progress(start: int, total: int):
@@ -278,23 +351,28 @@ class _Hooks:
     def __init__(self, config, workdir, mesh, model, schedule):
         self.config, self.workdir, self.mesh, self.model, self.schedule = config, workdir, mesh, model, schedule
         self._eval = None
+        # Grids: diffusion U-Nets, and text models with prompts (upsamplers would need low-res inputs).
+        self._grids = config.kind == "unet" or (config.kind == "glide" and bool(config.text.grid_prompts))
 
     def after_step(self, step: int, state, writer) -> None:
         t = self.config.train
-        if self.config.kind == "unet" and t.sample_every and step % t.sample_every == 0:
+        if self._grids and t.sample_every and step % t.sample_every == 0:
             self.sample_grid(step, state)
         if t.eval_every and step % t.eval_every == 0:
             writer.write(step, self.evaluate(state))
 
     def at_end(self, step: int, state, writer) -> None:
         t = self.config.train
-        if self.config.kind == "unet" and not (t.sample_every and step % t.sample_every == 0) and step > 0:
+        if self._grids and not (t.sample_every and step % t.sample_every == 0) and step > 0:
             self.sample_grid(step, state)
 
     def sample_grid(self, step: int, state) -> None:
         from diffusion_jax import train_samples
 
-        train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
+        if self.config.kind == "unet":
+            train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
+        else:
+            train_samples.write_text_grid(self.config, self.workdir, self.mesh, self.model, state, step)
 
     def evaluate(self, state) -> dict:
         from diffusion_jax import train_eval

@@ -77,12 +77,49 @@ def write_grid(config, workdir: str, mesh, model, state, step: int) -> str | Non
         return loop(rng, fn, schedule, (n_pad, size, size, ch), mean_type=d.mean_type, var_type=d.var_type,
                     y=y, sample_ids=ids)
 
-    ids = jax.device_put(jnp.arange(n_pad, dtype=jnp.int32), data)
-    y = None if y is None else jax.device_put(y, data)
-    x = run(jax.random.key(config.seed + 2), ids, y)
+    ids = parallel.put_global(mesh, np.arange(n_pad, dtype=np.int32), data.spec)
+    y = None if y is None else parallel.put_global(mesh, y, data.spec)
+    x = run(parallel.replicated_key(mesh, config.seed + 2), ids, y)
     images = to_uint8(multihost_utils.process_allgather(x, tiled=True))[:n]
     if not parallel.is_main_process():
         return None
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
     save_grid(images, path, nrow=s.num_per_class if labels is not None else 8)
+    return path
+
+
+def write_text_grid(config, workdir: str, mesh, model, state, step: int) -> str | None:
+    """GLIDE kinds: `sample.num_per_class` samples for each of `text.grid_prompts`, one row per prompt,
+    guided with `sample.cfg_scale` when it is > 0 (EMA params; `samples/step_XXXXXXX.png`)."""
+    from diffusion_jax import text_conditioning as tc
+
+    s, d = config.sample, config.diffusion
+    schedule = schedules.make_schedule(d.noise_schedule, d.diffusion_steps, s.timestep_respacing,
+                                       d.rescale_timesteps)
+    tokenizer = tc.tokenizer_from_config(config)
+    prompts = np.repeat(np.asarray(config.text.grid_prompts, np.str_), s.num_per_class)
+    n = len(prompts)
+    n_pad = -(-n // mesh.devices.size) * mesh.devices.size
+    cond = tc.caption_batch(tokenizer, np.pad(prompts, (0, n_pad - n), mode="edge"), config.text.text_ctx)
+    null = tc.null_caption(tokenizer, config.text.text_ctx)
+    params = state.ema_params[0] if state.ema_params else state.params
+    size, ch = config.model.image_size, config.data.channels
+    loop = sampling.ddim_sample_loop if s.use_ddim else sampling.p_sample_loop
+    scale = float(s.cfg_scale) if s.cfg_scale else None
+
+    @jax.jit
+    def run(params, rng, ids, tokens, mask):
+        fn, y = tc.text_model_fn(model, params, tokens, mask, null=null, cfg_scale=scale)
+        return loop(rng, fn, schedule, (n_pad, size, size, ch), mean_type=d.mean_type, var_type=d.var_type,
+                    y=y, sample_ids=ids)
+
+    data = parallel.data_sharded(mesh)
+    put = lambda a: jax.device_put(jnp.asarray(a), data)
+    x = run(params, jax.random.key(config.seed + 2), put(np.arange(n_pad, dtype=np.int32)), put(cond["tokens"]),
+            put(cond["mask"]))
+    images = to_uint8(multihost_utils.process_allgather(x, tiled=True))[:n]
+    if not parallel.is_main_process():
+        return None
+    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    save_grid(images, path, nrow=s.num_per_class)
     return path

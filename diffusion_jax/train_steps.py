@@ -1,7 +1,7 @@
 """The train state, the optimizer and the compiled data-parallel train steps.
 
 One step = one optimizer update on a global batch: timesteps, noise and label
-dropout drawn at global batch shape from `fold_in(rng, step)` (so the result
+(or caption) dropout drawn at global batch shape from `fold_in(rng, step)` (so the result
 does not depend on the device count), optional gradient accumulation over
 microbatches (averaged), AdamW, one EMA per rate, the importance-sampler
 history, and a non-finite guard that records the first bad step.
@@ -36,7 +36,7 @@ class TrainState:
 class StepSpec:
     """Static settings of a train step (hashable)."""
 
-    kind: str  # "unet" | "classifier"
+    kind: str  # "unet" | "classifier" | "glide" | "glide_upsample"
     mean_type: str
     var_type: str
     loss_type: str
@@ -46,6 +46,8 @@ class StepSpec:
     num_classes: int | None = None
     null_label: bool = False
     p_uncond: float = 0.0
+    text: bool = False  # GLIDE kinds: batches carry "tokens"/"mask" (and "low_res" for upsamplers).
+    end_token: int = 0  # The tokenizer's padding id: the null caption is all end tokens, mask all False.
 
 
 def learning_rate_schedule(lr: float, warmup_steps: int, anneal: bool, num_steps: int):
@@ -90,6 +92,35 @@ def drop_labels(rng: jax.Array, labels: jax.Array, p_uncond: float, null_label: 
     return jnp.where(drop, null_label, labels)
 
 
+def drop_captions(rng: jax.Array, tokens: jax.Array, mask: jax.Array, p_uncond: float, *,
+                  end_token: int) -> tuple[jax.Array, jax.Array]:
+    """Replace each caption by the empty one with probability p_uncond (GLIDE's CFG training).
+
+    Args:
+      tokens: int [B, L]; mask: bool [B, L] (False = padding).
+      end_token: the padding id; the empty caption is `end_token` everywhere with mask all False,
+        the same row `text_conditioning.null_caption` gives `guidance.classifier_free`.
+
+    Returns:
+      (tokens, mask) with dropped rows replaced.
+    """
+    if p_uncond <= 0:
+        return tokens, mask
+    drop = jax.random.bernoulli(rng, p_uncond, tokens.shape[:1])[:, None]
+    return (jnp.where(drop, jnp.asarray(end_token, tokens.dtype), tokens),
+            jnp.where(drop, False, mask))
+
+
+def _apply_model(model, params, x_t, timesteps, mb: dict, rngs: dict, *, text: bool):
+    """The network on a microbatch: `y` positionally (class labels), or GLIDE's keyword inputs."""
+    if not text:
+        return model.apply({"params": params}, x_t, timesteps, mb.get("y"), train=True, rngs=rngs)
+    kw = dict(mb["y"])
+    if "low_res" in mb:
+        kw["low_res"] = mb["low_res"]
+    return model.apply({"params": params}, x_t, timesteps, train=True, rngs=rngs, **kw)
+
+
 def _split_micro(tree, m: int):
     """[B, ...] -> [m, B/m, ...] taking strided rows, so each device's rows split evenly."""
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), tree)
@@ -122,7 +153,13 @@ def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule
     noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
     micro = dict(x_start=x_start, t=t, weights=weights, noise=noise,
                  x_t=gaussian.q_sample(schedule, x_start, t, noise))
-    if spec.num_classes is not None:
+    if spec.text:
+        tokens, mask = drop_captions(label_rng, batch["tokens"], batch["mask"], spec.p_uncond,
+                                     end_token=spec.end_token)
+        micro["y"] = {"tokens": tokens, "mask": mask}
+        if "low_res" in batch:
+            micro["low_res"] = batch["low_res"]
+    elif spec.num_classes is not None:
         micro["y"] = drop_labels(label_rng, batch["label"], spec.p_uncond if spec.null_label else 0.0,
                                  spec.num_classes)
     return micro, drop_rng
@@ -136,8 +173,8 @@ def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, sch
     micro["index"] = jnp.arange(micro["t"].shape[0])
 
     def loss_fn(params, mb):
-        out = model.apply({"params": params}, mb["x_t"], schedule.model_timesteps(mb["t"]), mb.get("y"),
-                          train=True, rngs={"dropout": jax.random.fold_in(drop_rng, mb["index"][0])})
+        out = _apply_model(model, params, mb["x_t"], schedule.model_timesteps(mb["t"]), mb,
+                           {"dropout": jax.random.fold_in(drop_rng, mb["index"][0])}, text=spec.text)
         terms = objectives.training_losses(schedule, out, mb["x_start"], mb["x_t"], mb["t"], mb["noise"],
                                            mean_type=spec.mean_type, var_type=spec.var_type,
                                            loss_type=spec.loss_type)
