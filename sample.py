@@ -3,6 +3,9 @@
     python sample.py --workdir=runs/digits --num_samples=64 --timestep_respacing=100
     python sample.py --workdir=converted/256x256_diffusion_uncond --use_ddim --timestep_respacing=ddim25 \
         --classifier_workdir=converted/256x256_classifier --classifier_scale=10
+    python sample.py --workdir=runs/glide_digits --prompt="a handwritten seven" --cfg_scale=3 --num_samples=16
+    python sample.py --workdir=converted/glide_base --tokenizer_dir=glide_tokenizer --prompts_file=prompts.txt \
+        --cfg_scale=3 --upsampler_workdir=converted/glide_upsample
 
 Writes `samples_NxHxWxC.npz` (OpenAI's `arr_0` uint8 NHWC / `arr_1` labels) and a
 PNG grid to --out (default <workdir>/samples) and prints both paths.  The work
@@ -22,6 +25,14 @@ flags.DEFINE_string("labels", None, "Comma list of classes (cycled), 'random' or
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (model must have a null label).")
 flags.DEFINE_string("classifier_workdir", None, "Noisy classifier (workdir or converted dir) for guidance.")
 flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale.")
+flags.DEFINE_multi_string("prompt", None, "Text models: a caption (repeatable); samples cycle through them.")
+flags.DEFINE_string("prompts_file", None, "Text models: a file of captions, one per line (added to --prompt).")
+flags.DEFINE_string("tokenizer_dir", None, "Directory with GLIDE's encoder.json and vocab.bpe (converted GLIDE "
+                    "checkpoints); default: the training config's tokenizer.")
+flags.DEFINE_string("upsampler_workdir", None, "A 'glide_upsample' model run on the base samples.")
+flags.DEFINE_string("upsample_respacing", "fast27", "The upsampler's respacing (GLIDE: fast27).")
+flags.DEFINE_boolean("upsample_ddim", True, "DDIM for the upsampler (GLIDE's recipe); --noupsample_ddim: ancestral.")
+flags.DEFINE_float("upsample_temp", 0.997, "The upsampler's initial-noise multiplier (GLIDE: 0.997).")
 flags.DEFINE_integer("seed", 0, "Sample i is a function of (seed, i) only.")
 flags.DEFINE_float("ema_rate", None, "Which EMA of a training workdir to use; default: the checkpoint's choice.")
 flags.DEFINE_string("out", None, "Output directory (or a .npz path); default <workdir>/samples.")
@@ -31,6 +42,16 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 FLAGS = flags.FLAGS
+
+
+def _prompts() -> tuple[str, ...]:
+    prompts = list(FLAGS.prompt or [])
+    if FLAGS.prompts_file:
+        with open(FLAGS.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise app.UsageError(f"--prompts_file={FLAGS.prompts_file} holds no prompts")
+    return tuple(prompts)
 
 
 def main(argv):
@@ -48,7 +69,9 @@ def main(argv):
         use_ddim=FLAGS.use_ddim, eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised, labels=FLAGS.labels,
         cfg_scale=FLAGS.cfg_scale, classifier_workdir=FLAGS.classifier_workdir,
         classifier_scale=FLAGS.classifier_scale, seed=FLAGS.seed, ema_rate=FLAGS.ema_rate, out=FLAGS.out,
-        progress=FLAGS.progress)
+        progress=FLAGS.progress, prompts=_prompts(), tokenizer_dir=FLAGS.tokenizer_dir,
+        upsampler_workdir=FLAGS.upsampler_workdir, upsample_respacing=FLAGS.upsample_respacing,
+        upsample_ddim=FLAGS.upsample_ddim, upsample_temp=FLAGS.upsample_temp)
     paths = sample_lib.run(FLAGS.workdir, opts)
     if paths is not None:
         print(f"wrote {paths[0]}")

@@ -11,6 +11,8 @@ CLI::
 
     python -m diffusion_jax.convert --checkpoint 64x64_diffusion.pt --preset 64x64_diffusion --out DIR
     python -m diffusion_jax.convert --checkpoint model.pt --flags "--image_size 32 ..." --repo improved --out DIR
+    python -m diffusion_jax.convert --checkpoint base.pt --preset base --out DIR        # GLIDE (glide-text2im)
+    python -m diffusion_jax.convert --checkpoint m.pt --flags "--xf_width 512 ..." --repo glide --out DIR
 
 writes ``DIR/config.json`` and ``DIR/params.safetensors``; ``load_converted(DIR)``
 reads them back.
@@ -355,7 +357,20 @@ def load_converted(directory: str):
     return module, params, config
 
 
+def _glide_cli(args):
+    """(cfg, source) for GLIDE presets ("base", "upsample", ...) and ``--repo glide`` flag strings."""
+    from diffusion_jax import convert_glide
+
+    if args.preset:
+        cfg = convert_glide.resolve_glide_preset(args.preset)
+        return cfg, {"checkpoint": args.checkpoint, "repo": "glide", "preset": args.preset}
+    cfg = convert_glide.resolve_glide_flags(parse_flag_string(args.flags))
+    return cfg, {"checkpoint": args.checkpoint, "flags": args.flags, "repo": "glide"}
+
+
 def main(argv=None) -> None:
+    from diffusion_jax import convert_glide
+
     ap = argparse.ArgumentParser(
         prog="python -m diffusion_jax.convert", description=__doc__.split("\n")[0]
     )
@@ -364,20 +379,26 @@ def main(argv=None) -> None:
     )
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a released checkpoint's name"
+        "--preset", choices=sorted(PRESETS) + sorted(convert_glide.GLIDE_PRESETS),
+        help="a released checkpoint's name (GLIDE: base, upsample, base-inpaint, upsample-inpaint)"
     )
     group.add_argument(
         "--flags", help='OpenAI flag string, e.g. "--image_size 64 --num_channels 192"'
     )
     ap.add_argument(
         "--repo",
-        choices=("improved", "guided"),
+        choices=("improved", "guided", "glide"),
         default="guided",
-        help="whose defaults --flags uses",
+        help="whose defaults --flags uses (glide: glide-text2im's model_creation names)",
     )
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
-    if args.preset:
+    if args.preset in convert_glide.GLIDE_PRESETS or (args.flags and args.repo == "glide"):
+        cfg, source = _glide_cli(args)
+        module = models.build_model(cfg["kind"], **cfg["model"])
+        params = convert_glide.glide_params_from_state_dict(
+            module, cfg["kind"], cfg["model"], load_state_dict(args.checkpoint))
+    elif args.preset:
         cfg, p = resolve_preset(args.preset), PRESETS[args.preset]
         source = {
             "checkpoint": args.checkpoint,
@@ -388,10 +409,11 @@ def main(argv=None) -> None:
     else:
         cfg = parse_openai_flags(args.flags, args.repo)
         source = {"checkpoint": args.checkpoint, "flags": args.flags, "repo": args.repo}
-    module = models.build_model(cfg["kind"], **cfg["model"])
-    params = params_from_state_dict(
-        module, cfg["kind"], cfg["model"], load_state_dict(args.checkpoint)
-    )
+    if source.get("repo") != "glide":
+        module = models.build_model(cfg["kind"], **cfg["model"])
+        params = params_from_state_dict(
+            module, cfg["kind"], cfg["model"], load_state_dict(args.checkpoint)
+        )
     save_converted(args.out, cfg, params, source)
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
     print(

@@ -6,6 +6,8 @@ sample i is a pure function of (seed, i) (see `diffusion_jax.sampling`), so the
 output does not depend on the device count, the host count or the batch size.
 Outputs follow OpenAI's layout: `samples_NxHxWxC.npz` with `arr_0` (uint8 NHWC)
 and `arr_1` (labels, for class-conditional sampling), plus a PNG grid.
+Text (GLIDE) models take `prompts` instead of labels; `diffusion_jax.sample_text`
+samples them (caption-guided, optional upsampler stage).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class SampleOptions:
     out: str | None = None  # directory, or a path ending in .npz
     progress: bool = True
     max_grid_images: int = 256
+    # Text (GLIDE) models: see diffusion_jax.sample_text.
+    prompts: tuple[str, ...] = ()  # cycled over the samples
+    tokenizer_dir: str | None = None  # encoder.json + vocab.bpe for converted GLIDE checkpoints
+    upsampler_workdir: str | None = None  # a 'glide_upsample' model run on the base samples
+    upsample_respacing: str = "fast27"
+    upsample_ddim: bool = True
+    upsample_temp: float = 0.997  # the upsampler's x_T multiplier (GLIDE's notebook)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +293,9 @@ def image_grid(images: np.ndarray, max_images: int = 256) -> np.ndarray:
     return grid
 
 
-def write_outputs(images: np.ndarray, labels: np.ndarray | None, out: str, max_grid_images: int = 256):
-    """Write OpenAI's `samples_NxHxWxC.npz` and a PNG grid; return their paths."""
+def write_outputs(images: np.ndarray, labels: np.ndarray | None, out: str, max_grid_images: int = 256,
+                  extra: dict | None = None):
+    """Write OpenAI's `samples_NxHxWxC.npz` (plus `extra` arrays) and a PNG grid; return their paths."""
     from PIL import Image
 
     shape_str = "x".join(str(d) for d in images.shape)
@@ -298,6 +308,7 @@ def write_outputs(images: np.ndarray, labels: np.ndarray | None, out: str, max_g
     arrays: dict[str, Any] = {"arr_0": images}
     if labels is not None:
         arrays["arr_1"] = labels
+    arrays.update(extra or {})
     np.savez(npz_path, **arrays)
     png_path = npz_path[: -len(".npz")] + ".png"
     grid = image_grid(images, max_grid_images)
@@ -308,6 +319,13 @@ def write_outputs(images: np.ndarray, labels: np.ndarray | None, out: str, max_g
 def run(workdir: str, opts: SampleOptions, log: Callable[[str], None] = print) -> tuple[str, str] | None:
     """Load, validate, sample and (on process 0) write; returns (npz_path, png_path) there."""
     module, params, cfg = load_for_inference(workdir, ema_rate=opts.ema_rate)
+    if cfg["kind"].startswith("glide"):
+        from diffusion_jax import sample_text
+
+        return sample_text.run_text(module, params, cfg, workdir, opts, log=log)
+    if opts.prompts or opts.upsampler_workdir or opts.tokenizer_dir:
+        raise ValueError(f"--prompt, --prompts_file, --tokenizer_dir and --upsampler_workdir need a text (GLIDE) "
+                         f"model; {workdir} holds a {cfg['kind']!r} model")
     classifier = cls_params = cls_cfg = None
     if opts.classifier_workdir:
         classifier, cls_params, cls_cfg = load_for_inference(opts.classifier_workdir)
