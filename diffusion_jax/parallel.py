@@ -69,11 +69,19 @@ def global_batch(mesh: jax.sharding.Mesh, local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def replicate(mesh: jax.sharding.Mesh, tree):
-    """Put an identical (on every host) pytree on every device of the mesh."""
-    sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-                        tree)
+def put_global(mesh: jax.sharding.Mesh, x, spec=P()) -> jax.Array:
+    """A host array that every process holds in full -> a global array with `spec`.
+
+    Unlike `jax.device_put`, this also works when the mesh spans devices of
+    other processes (each process fills only its own shards).
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+
+
+def replicated_key(mesh: jax.sharding.Mesh, seed: int) -> jax.Array:
+    """`jax.random.key(seed)` replicated over the whole (possibly multi-host) mesh."""
+    return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated(mesh))()
 
 
 def is_main_process() -> bool:
