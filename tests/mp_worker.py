@@ -35,7 +35,8 @@ if mode == "steps":
         local = {k: v[pid * per:(pid + 1) * per] for k, v in b.items()}
         state, metrics = step(state, parallel.global_batch(mesh, local), rng)
         losses.append(float(metrics["loss"]))
-    params = jax.tree.map(lambda x: np.asarray(x).tolist(), jax.device_get(state.params))
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    params = {jax.tree_util.keystr(path): np.asarray(x).tolist() for path, x in flat}
     with open(out, "w") as f:
         json.dump({"losses": losses, "params": params, "devices": jax.device_count()}, f)
 else:
