@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from diffusion_jax import gaussian, likelihood, objectives, schedules
+from diffusion_jax import gaussian, objectives, schedules
 from tests import parity
 from tests.likelihood_test import _decoder_nll_bpd_float64
 
