@@ -244,8 +244,17 @@ def params_from_state_dict(module, kind: str, model: dict, state_dict: Mapping) 
     Raises:
       CheckpointError: listing every missing, unexpected and mis-shaped key at once.
     """
-    shapes = param_shapes(module, kind, model)
-    by_key = {torch_key(p): p for p in shapes}
+    return map_state_dict(param_shapes(module, kind, model), state_dict, key_fn=torch_key, to_flax_fn=to_flax,
+                          torch_shape_fn=torch_shape, what="checkpoint")
+
+
+def map_state_dict(shapes: dict, state_dict: Mapping, *, key_fn, to_flax_fn, torch_shape_fn, what: str) -> dict:
+    """{flax path: ShapeDtypeStruct} + torch state dict -> params tree, strictly.
+
+    `key_fn(path)` names a path's torch key, `to_flax_fn(path, w)` converts
+    its layout, `torch_shape_fn(path, shape)` says what torch shape was expected.
+    """
+    by_key = {key_fn(p): p for p in shapes}
     missing = sorted(set(by_key) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(by_key))
     mismatched, flat = [], {}
@@ -253,14 +262,14 @@ def params_from_state_dict(module, kind: str, model: dict, state_dict: Mapping) 
         if key not in state_dict:
             continue
         w = np.asarray(state_dict[key])
-        v = to_flax(path, w)
+        v = to_flax_fn(path, w)
         want = tuple(shapes[path].shape)
         if v.shape != want:
-            mismatched.append((key, tuple(w.shape), torch_shape(path, want)))
+            mismatched.append((key, tuple(w.shape), torch_shape_fn(path, want)))
         else:
             flat[path] = jnp.asarray(v, jnp.float32)
     if missing or unexpected or mismatched:
-        raise _mismatch_error(missing, unexpected, sorted(mismatched), "checkpoint")
+        raise _mismatch_error(missing, unexpected, sorted(mismatched), what)
     return _unflatten(flat)
 
 

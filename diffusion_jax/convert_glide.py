@@ -23,9 +23,8 @@ import numpy as np
 from diffusion_jax import schedules
 from diffusion_jax.convert import (
     CheckpointError,
-    _mismatch_error,
-    _unflatten,
     load_state_dict,
+    map_state_dict,
     to_flax,
     torch_key,
 )
@@ -248,24 +247,8 @@ def glide_params_from_state_dict(module, kind: str, model: dict, state_dict: Map
         mis-shaped key at once.
     """
     _check_text_ctx(model, state_dict)
-    shapes = glide_param_shapes(module, kind, model)
-    by_key = {glide_torch_key(p): p for p in shapes}
-    missing = sorted(set(by_key) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(by_key))
-    mismatched, flat = [], {}
-    for key, path in by_key.items():
-        if key not in state_dict:
-            continue
-        w = np.asarray(state_dict[key])
-        v = _to_flax(path, w)
-        want = tuple(shapes[path].shape)
-        if v.shape != want:
-            mismatched.append((key, tuple(w.shape), _torch_shape(path, want)))
-        else:
-            flat[path] = jnp.asarray(v, jnp.float32)
-    if missing or unexpected or mismatched:
-        raise _mismatch_error(missing, unexpected, sorted(mismatched), "GLIDE checkpoint")
-    return _unflatten(flat)
+    return map_state_dict(glide_param_shapes(module, kind, model), state_dict, key_fn=glide_torch_key,
+                          to_flax_fn=_to_flax, torch_shape_fn=_torch_shape, what="GLIDE checkpoint")
 
 
 def build_glide_model(kind: str, **model):

@@ -1,8 +1,8 @@
 """Flax modules: the ADM U-Net, the noisy classifier and GLIDE's text models."""
 
 from diffusion_jax.models.classifier import AttentionPool2d, EncoderUNet
-from diffusion_jax.models.glide import (InpaintText2ImUNet, SuperResInpaintText2ImUNet, SuperResText2ImUNet,
-                                        Text2ImUNet)
+from diffusion_jax.models.glide import (GLIDE_CLASSES, InpaintText2ImUNet, SuperResInpaintText2ImUNet,
+                                        SuperResText2ImUNet, Text2ImUNet)
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.unet import SuperResUNet, UNet
 
@@ -35,10 +35,7 @@ def build_model(kind: str, **kwargs):
         "unet": UNet,
         "super_res": SuperResUNet,
         "classifier": EncoderUNet,
-        "glide": Text2ImUNet,
-        "glide_upsample": SuperResText2ImUNet,
-        "glide_inpaint": InpaintText2ImUNet,
-        "glide_upsample_inpaint": SuperResInpaintText2ImUNet,
+        **GLIDE_CLASSES,
     }
     if kind not in kinds:
         raise ValueError(f"unknown model kind {kind!r}; accepted: {sorted(kinds)}")
