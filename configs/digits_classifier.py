@@ -20,6 +20,6 @@ def get_config():
     c.diffusion = digits.get_config().diffusion
     c.data.update(name="digits", image_size=8, channels=1)
     c.optim.update(lr=1e-3, weight_decay=0.05, anneal=True)
-    c.train.update(batch_size=128, num_steps=1500, ema_rates=(), log_every=50, checkpoint_every=500,
+    c.train.update(batch_size=64, num_steps=1000, ema_rates=(), log_every=50, checkpoint_every=500,
                    sample_every=0, eval_every=250, eval_examples=180)
     return c
