@@ -25,6 +25,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+# DESIGN.md §4 lists `classifier_cond_fn` under `diffusion_jax.text`; it lives
+# with the other guidance transforms and is re-exported here for that contract.
+from diffusion_jax.guidance import classifier_cond_fn  # noqa: F401
+
 # GPT-2's pre-tokenizer (openai/gpt-2 encoder.py; glide_text2im/tokenizer/bpe.py).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
