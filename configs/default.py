@@ -79,6 +79,7 @@ def get_config():
         microbatches=1,  # Gradient accumulation: the batch is split into this many averaged chunks.
         num_steps=500_000,  # Optimizer steps.
         ema_rates=(0.9999,),  # One EMA of the params per rate.
+        ema_warmup=False,  # EMA rate min(rate, (1 + step) / (10 + step)); OpenAI uses none.
         p_uncond=0.0,  # Null-label dropout probability (classifier-free guidance); needs model.null_label.
         log_every=100,  # Steps between metric lines.
         checkpoint_every=10_000,  # Steps between checkpoints (also at the end and on SIGTERM).

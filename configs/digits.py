@@ -19,7 +19,7 @@ def get_config():
                        loss_type="rescaled_mse")
     c.data.update(name="digits", image_size=8, channels=1)
     c.optim.update(lr=1e-3, warmup_steps=100, anneal=True, grad_clip=1.0)
-    c.train.update(batch_size=64, num_steps=2000, ema_rates=(0.999,), p_uncond=0.1, log_every=50,
+    c.train.update(batch_size=64, num_steps=2000, ema_rates=(0.999,), ema_warmup=True, p_uncond=0.1, log_every=50,
                    checkpoint_every=500, sample_every=1000, eval_every=1000, eval_examples=128)
     c.sample.update(num_per_class=10, timestep_respacing="100", cfg_scale=1.0)
     return c

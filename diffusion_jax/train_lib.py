@@ -94,7 +94,8 @@ def make_spec(config, schedule) -> train_steps.StepSpec:
     return train_steps.StepSpec(
         kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
         sampler=objectives.make_timestep_sampler(d.schedule_sampler, schedule.num_timesteps),
-        ema_rates=tuple(float(r) for r in t.ema_rates), microbatches=int(t.microbatches),
+        ema_rates=tuple(float(r) for r in t.ema_rates), ema_warmup=bool(t.ema_warmup),
+        microbatches=int(t.microbatches),
         num_classes=config.model.num_classes if is_unet else None,
         null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond),
         text=text, end_token=int(tc.tokenizer_from_config(config).end_token) if text else 0)

@@ -42,6 +42,7 @@ class StepSpec:
     loss_type: str
     sampler: Any  # objectives.UniformSampler | LossSecondMomentSampler
     ema_rates: tuple = ()
+    ema_warmup: bool = False  # rate_t = min(rate, (1 + step) / (10 + step)): short runs forget the init
     microbatches: int = 1
     num_classes: int | None = None
     null_label: bool = False
@@ -228,7 +229,8 @@ def _apply(state: TrainState, grads, loss, metrics: dict, *, tx, spec: StepSpec,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = tuple(optax.incremental_update(params, e, step_size=1.0 - rate)
+    step = state.step.astype(jnp.float32)
+    ema = tuple(optax.incremental_update(params, e, step_size=1.0 - _ema_rate(rate, step, spec.ema_warmup))
                 for e, rate in zip(state.ema_params, spec.ema_rates))
     new = state.replace(params=params, opt_state=opt_state, ema_params=ema, sampler_state=sampler_state)
     # A non-finite step changes nothing but the counters; the host stops the run.
@@ -237,6 +239,11 @@ def _apply(state: TrainState, grads, loss, metrics: dict, *, tx, spec: StepSpec,
         (~finite) & (state.first_nonfinite < 0), state.step, state.first_nonfinite))
     metrics = dict(metrics, grad_norm=grad_norm)
     return kept, metrics
+
+
+def _ema_rate(rate: float, step: jax.Array, warmup: bool) -> jax.Array:
+    """OpenAI's fixed EMA rate, or with warm-up min(rate, (1 + step) / (10 + step))."""
+    return jnp.minimum(rate, (1.0 + step) / (10.0 + step)) if warmup else jnp.asarray(rate, jnp.float32)
 
 
 def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx):
