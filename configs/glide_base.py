@@ -21,7 +21,7 @@ from configs import default
 def get_config():
     c = default.get_config()
     c.kind = "glide"
-    c.model = default.glide_model()  # GLIDE base defaults (64 px, 385M-parameter model incl. text).
+    c.model = default.glide_model()  # GLIDE base defaults (64 px, text transformer included).
     c.diffusion.update(noise_schedule="cosine", diffusion_steps=1000, timestep_respacing="",
                        rescale_timesteps=False, var_type="learned_range", loss_type="rescaled_mse")
     c.data.update(name="coco_captions", image_size=64, channels=3, random_flip=False, worker_count=8)

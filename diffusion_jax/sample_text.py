@@ -118,9 +118,10 @@ def make_upsample_plan(cfg: dict, opts, tokenizer, base_shape: tuple[int, int, i
     if cfg["kind"] != "glide_upsample":
         raise ValueError(f"--upsampler_workdir must hold a 'glide_upsample' model; it holds {cfg['kind']!r}")
     shape = _image_shape(cfg, True)
-    if shape[2] != base_shape[2] or shape[0] < base_shape[0]:
-        raise ValueError(f"the upsampler makes {shape} images from {shape[2]}-channel inputs but the base model "
-                         f"samples {base_shape}")
+    if shape[2] != base_shape[2] or shape[0] != base_shape[0] * tc.LOW_RES_FACTOR:
+        raise ValueError(f"the upsampler makes {shape} images from {shape[0] // tc.LOW_RES_FACTOR} px, "
+                         f"{shape[2]}-channel inputs (it was trained on 1/{tc.LOW_RES_FACTOR} size) but the base "
+                         f"model samples {base_shape}")
     return TextPlan(_schedule(cfg["diffusion"], opts.upsample_respacing, "--upsample_respacing"),
                     cfg["diffusion"]["mean_type"], cfg["diffusion"]["var_type"], shape, tuple(opts.prompts),
                     int(cfg["model"]["text_ctx"]), tokenizer, None, opts.upsample_ddim, 0.0,
