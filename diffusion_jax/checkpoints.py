@@ -23,7 +23,7 @@ from diffusion_jax import convert, models
 
 CONFIG_FILE = "config.json"
 # Groups whose differences make a checkpoint unusable with a config.
-IDENTITY_GROUPS = ("kind", "model", "diffusion")
+IDENTITY_GROUPS = ("kind", "model", "diffusion", "text")
 
 
 class WorkdirMismatchError(ValueError):
@@ -142,14 +142,28 @@ def restore_latest(manager: ocp.CheckpointManager, state_template, data_iterator
     return None, None
 
 
+def _restore_state_on_one_device(path) -> dict:
+    """The saved train state as a dict of arrays on this process's first device.
+
+    The target is built from the checkpoint's own metadata, so a run saved on
+    any mesh (8 devices, 2 hosts, ...) loads here for inference.
+    """
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(str(path))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return checkpointer.restore(str(path), target)
+
+
 def _training_params(workdir: str, cfg: dict, ema_rate: float | None):
     """EMA (or raw) params of the newest checkpoint of a training workdir."""
     manager = make_manager(workdir, keep=1000, async_save=False)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet; train first (python train.py)")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
+    state = _restore_state_on_one_device(os.path.join(manager.directory, str(step), "state"))
     rates = [float(r) for r in cfg.get("train", {}).get("ema_rates", [])]
     if ema_rate is None and rates:
         ema_rate = rates[0]

@@ -182,13 +182,17 @@ def make_glide_schedule(noise_schedule: str, diffusion_steps: int, timestep_resp
 def glide_example_inputs(kind: str, model: dict) -> tuple[tuple, dict]:
     """Batch-1 ``(args, kwargs)`` for ``module.init`` of a GLIDE kind."""
     s = model["image_size"]
-    x = jnp.zeros((1, s, s, 3))
+    # in_channels counts every input the first conv sees: x, then for
+    # upsamplers the low-res image, for inpainting the masked image + mask.
+    in_ch = model.get("in_channels", {"glide": 3, "glide_upsample": 6, "glide_inpaint": 7}.get(kind, 10))
+    c = {"glide": in_ch, "glide_upsample": in_ch // 2, "glide_inpaint": (in_ch - 1) // 2}.get(kind, (in_ch - 1) // 3)
+    x = jnp.zeros((1, s, s, c))
     kw = {}
     if model.get("xf_width", 512):
         ctx = model.get("text_ctx", 128)
         kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
     if kind.startswith("glide_upsample"):
-        kw["low_res"] = jnp.zeros((1, s // 4, s // 4, 3))
+        kw["low_res"] = jnp.zeros((1, s // 4, s // 4, c))
     return (x, jnp.zeros((1,), jnp.int32)), kw
 
 
