@@ -14,6 +14,8 @@ import os
 
 from absl import app, flags
 
+from diffusion_jax import parallel
+
 flags.DEFINE_string("workdir", None, "training workdir or converted OpenAI checkpoint directory")
 flags.DEFINE_enum("metric", "nll", ["nll", "fid", "samples"],
                   "nll: full-chain bits/dim; fid / samples: FID, sFID, IS, precision/recall of --samples vs --ref")
@@ -34,9 +36,7 @@ flags.DEFINE_string("out", None, "report path (default: <workdir>/eval/<metric>_
 flags.DEFINE_string("samples", None, "samples .npz (arr_0 uint8 NHWC) for sample metrics")
 flags.DEFINE_string("ref", None, "reference .npz: OpenAI VIRTUAL_*.npz (mu, sigma, ...) or arr_0 images")
 flags.DEFINE_string("inception_path", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
-flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-flags.DEFINE_integer("process_id", None, "multi-host: this process's id")
+parallel.define_multihost_flags()
 FLAGS = flags.FLAGS
 
 
@@ -44,8 +44,10 @@ def main(argv):
     del argv
     import jax
 
-    if FLAGS.coordinator_address or FLAGS.num_processes:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
+        # N local CPU processes stand in for N hosts: collectives over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from diffusion_jax.evaluation import run
 
     o = {name: FLAGS[name].value for name in FLAGS if name in _OURS}

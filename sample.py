@@ -14,6 +14,8 @@ lives in `diffusion_jax.sample_lib`.
 
 from absl import app, flags
 
+from diffusion_jax import parallel
+
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size (rounded up to a multiple of the device count).")
@@ -37,9 +39,7 @@ flags.DEFINE_integer("seed", 0, "Sample i is a function of (seed, i) only.")
 flags.DEFINE_float("ema_rate", None, "Which EMA of a training workdir to use; default: the checkpoint's choice.")
 flags.DEFINE_string("out", None, "Output directory (or a .npz path); default <workdir>/samples.")
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+parallel.define_multihost_flags()
 
 FLAGS = flags.FLAGS
 
@@ -59,9 +59,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
-    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
+        # N local CPU processes stand in for N hosts: collectives over gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from diffusion_jax import sample_lib
 
     opts = sample_lib.SampleOptions(

@@ -11,15 +11,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion_jax import parallel
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable from anywhere
 
 config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                        "configs", "digits.py"),
                                 "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+parallel.define_multihost_flags()
 FLAGS = flags.FLAGS
 
 
@@ -30,7 +30,7 @@ def main(argv):
     if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
         # N local CPU processes stand in for N hosts: collectives over gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from diffusion_jax import parallel, train_lib
+    from diffusion_jax import train_lib
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "digits"))[0]

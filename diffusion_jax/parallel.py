@@ -33,6 +33,15 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize()
 
 
+def define_multihost_flags() -> None:
+    """The --coordinator_address/--num_processes/--process_id flags every program takes."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D ('data',) mesh over the first `num_devices` devices (default: all).
 
