@@ -57,11 +57,7 @@ def _prompts() -> tuple[str, ...]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax
 
-    if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
-        # N local CPU processes stand in for N hosts: collectives over gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from diffusion_jax import sample_lib
 

@@ -25,11 +25,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import jax
 
-    if FLAGS.coordinator_address and jax.config.jax_platforms in (None, "", "cpu"):
-        # N local CPU processes stand in for N hosts: collectives over gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from diffusion_jax import train_lib
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -23,6 +23,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     `jax.distributed.initialize`; on TPU pods and SLURM, where the environment
     describes the cluster, `initialize()` with no arguments discovers it
     (set `DIFFUSION_JAX_DISTRIBUTED=1`).  Single-process runs do nothing.
+    On CPU, JAX's default cross-process collectives are gloo, so N local
+    processes can stand in for N hosts.
     """
     if coordinator_address or num_processes or process_id is not None:
         if not (coordinator_address and num_processes and process_id is not None):
