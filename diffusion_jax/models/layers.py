@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.kernels import attention, conv_general_dilated, group_norm
+from diffusion_jax.models.kernels import attention, group_norm
 
 _ZEROS = nn.initializers.zeros
 
@@ -99,7 +99,6 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
-        conv_general_dilated=conv_general_dilated,
         **kwargs,
     )
 

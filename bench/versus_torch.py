@@ -1,0 +1,159 @@
+"""Our compiled steps against the PyTorch peer (bench/openai_torch.py), interleaved in one process.
+
+On a shared machine absolute timings drift by 2x within minutes; timing both
+sides alternately, call by call, makes their ratio trustworthy. For each mode
+the two sides run the same network (reference benchmark config, batch 8) and
+the same work:
+
+- forward: one batch-8 forward pass.
+- train:   one L_hybrid training step (forward, backward, AdamW, EMA).
+- sample:  one ancestral step (``p_sample``); ours is measured inside the
+           compiled chain (``sampling.p_sample_loop`` over ``--chain`` steps,
+           divided by the step count), theirs is one Python-loop iteration.
+- nll:     one timestep of the full-chain NLL for 8 images; ours evaluates
+           ``--t_chunk`` timesteps per forward (``nll.terms_at``) and is
+           divided by ``--t_chunk``, theirs is one ``calc_bpd_loop`` iteration.
+
+    python bench/versus_torch.py [--modes forward,train,sample,nll] [--rounds 5] [--threads 2]
+
+Prints per mode: each side's median and min, and torch/jax (>1 means we are faster).
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from diffusion_jax import parallel, sampling, schedules, train_lib, train_steps  # noqa: E402
+from diffusion_jax.evaluation import nll  # noqa: E402
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def torch_side(mode: str, batch: int):
+    """A zero-argument callable doing one unit of `mode`'s work with the PyTorch peer."""
+    pt = _load("openai_torch")
+    th = pt.th
+    th.manual_seed(0)
+    model = pt.UNetModel(**pt.CONFIG).train(mode == "train")
+    diffusion = pt.GaussianDiffusion(pt.cosine_betas(pt.NUM_TIMESTEPS))
+    x_start = th.randint(0, 256, (batch, 3, 32, 32)).float() / 127.5 - 1
+    state = {"x": th.randn(batch, 3, 32, 32), "t": pt.NUM_TIMESTEPS}
+    ts = th.randint(0, pt.NUM_TIMESTEPS, (batch,))
+
+    def next_t():
+        state["t"] = (state["t"] - 1) % pt.NUM_TIMESTEPS
+        return th.tensor([state["t"]] * batch)
+
+    if mode == "forward":
+        return th.no_grad()(lambda: model(state["x"], ts))
+    if mode == "train":
+        step = pt.TrainStep(model, diffusion)
+        return lambda: step(x_start)
+    if mode == "sample":
+        def sample():
+            with th.no_grad():
+                state["x"] = diffusion.p_sample(model, state["x"], next_t())["sample"]
+        return sample
+    return th.no_grad()(lambda: diffusion.calc_bpd_step(model, x_start, next_t()))
+
+
+def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
+    """(callable, units): one call does `units` units of `mode`'s work with our compiled code."""
+    bench_train = _load("train")
+    config = bench_train.reference_config(batch, "float32", False)
+    model = train_lib.make_model(config)
+    schedule = train_lib.make_schedule(config)
+    x = jax.random.randint(jax.random.key(1), (batch, 32, 32, 3), 0, 256).astype(jnp.float32) / 127.5 - 1.0
+    params = train_lib.init_params(model, config, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(params)  # init zeroes the output convs: perturb every leaf
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(tree, [v + 0.02 * rng.standard_normal(v.shape).astype(np.float32) for v in leaves])
+    apply = lambda p, xx, tt: model.apply({"params": p}, xx, tt)
+    kw = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=True)
+
+    if mode == "forward":
+        f = jax.jit(apply).lower(params, x, jnp.arange(batch) * 100).compile()
+        return (lambda: f(params, x, jnp.arange(batch) * 100)), 1
+    if mode == "train":
+        mesh = parallel.make_mesh()
+        spec = train_lib.make_spec(config, schedule)
+        tx, _ = train_steps.make_optimizer(num_steps=10**6, **config.optim.to_dict())
+        st = {"state": jax.device_put(train_steps.init_state(params, tx, spec), parallel.replicated(mesh))}
+        step = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx)
+        key = parallel.replicated_key(mesh, 1)
+        data = parallel.global_batch(mesh, {"image": np.asarray(x)})
+        compiled = step.lower(st["state"], data, key).compile()
+
+        def train():
+            st["state"], metrics = compiled(st["state"], data, key)
+            return metrics
+        return train, 1
+    if mode == "sample":
+        respaced = schedules.make_schedule("cosine", 1000, str(chain))
+        loop = jax.jit(lambda p, k: sampling.p_sample_loop(k, lambda xx, tt, yy: apply(p, xx, tt), respaced,
+                                                            x.shape, **kw)).lower(params, jax.random.key(0)).compile()
+        return (lambda: loop(params, jax.random.key(0))), chain
+    index = jnp.arange(batch, dtype=jnp.int32)
+    chunk = jax.jit(lambda p, tc: nll.terms_at(lambda xt, tt, yy: apply(p, xt, tt), schedule, x, None, index,
+                                               jnp.broadcast_to(tc, (batch, t_chunk)), jax.random.key(0), **kw))
+    tc = jnp.arange(t_chunk, dtype=jnp.int32) + 500
+    compiled = chunk.lower(params, tc).compile()
+    return (lambda: compiled(params, tc)), t_chunk
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", default="forward,train,sample,nll")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chain", type=int, default=10, help="steps of our timed sampling chain")
+    ap.add_argument("--t_chunk", type=int, default=8, help="timesteps per forward in our NLL runner")
+    ap.add_argument("--pause", type=float, default=0.5,
+                    help="seconds between calls, so neither side's idle worker threads spin into the other's")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} | torch {torch.__version__} "
+          f"threads={torch.get_num_threads()} | batch {args.batch} | rounds {args.rounds}")
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        ours, units = jax_side(mode, args.batch, args.chain, args.t_chunk)
+        setup_s = time.perf_counter() - t0
+        theirs = torch_side(mode, args.batch)
+        jax.block_until_ready(ours())  # warm-up
+        theirs()
+        times = {"torch": [], "jax": []}
+        for _ in range(args.rounds):
+            time.sleep(args.pause)
+            t0 = time.perf_counter()
+            theirs()
+            times["torch"].append(time.perf_counter() - t0)
+            time.sleep(args.pause)
+            t0 = time.perf_counter()
+            jax.block_until_ready(ours())
+            times["jax"].append((time.perf_counter() - t0) / units)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{mode:8s} torch {1e3 * med['torch']:7.1f} ms (min {1e3 * min(times['torch']):7.1f}) | "
+              f"jax {1e3 * med['jax']:7.1f} ms (min {1e3 * min(times['jax']):7.1f}) | "
+              f"torch/jax {med['torch'] / med['jax']:.2f}x | jax setup+compile {setup_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
