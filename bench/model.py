@@ -12,13 +12,11 @@ the 2-core CPU machine this was written on.
 script never changes JAX's global config). Compile time is reported
 separately from the median of ``--runs`` timed calls.
 
-Findings (jax/jaxlib 0.10.2, 2 shared cores, load average ~5 while measured,
-so absolute numbers are inflated): float32 forward 650-780 ms median, forward+
-backward ~3.1 s, compile 6-8 s (forward) and ~28 s (forward+backward).
-``--xla_cpu_use_onednn=true``, ``--xla_cpu_use_xnnpack=true`` and both
-together were within run-to-run noise of the default;
-``--xla_cpu_experimental_onednn_custom_call=true`` was ~1.5x slower. Default
-flags are the recommendation; re-measure on an idle machine.
+Figures (jaxlib 0.10.2, 2 cores, idle machine, 2026-11-28 14:25 UTC): float32
+forward ~206 ms median, forward+backward ~700 ms, with the XLA:CPU flag
+``import diffusion_jax`` sets (Eigen convolutions); without it (YNNPACK
+convolutions) ~396 ms and ~1350 ms. ``--xla_flags`` here is appended before
+JAX starts, so it can override that choice.
 """
 
 import argparse
