@@ -45,29 +45,35 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     return y.reshape(x.shape)
 
 
-def _probs(q: jax.Array, k: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(ch)) over the last axis, float32: [B, heads, T, S]."""
+def _unnormalised(q: jax.Array, k: jax.Array):
+    """exp(logits - rowmax) and its row sums, float32: ([B, heads, T, S], [B, heads, T, 1])."""
     logits = jnp.einsum("bhtc,bhsc->bhts", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(logits * (1.0 / math.sqrt(q.shape[-1])), axis=-1)
+    logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return e, jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _attention_fwd(q, k, v):
+    # Normalising the [T, ch] output instead of the [T, S] weights saves a pass.
+    e, total = _unnormalised(q, k)
+    out = jnp.einsum("bhts,bhsc->bhtc", e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    out = out.astype(v.dtype)
+    return out, (q, k, v, e, total, out)
 
 
 @jax.custom_vjp
 def _attention_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return jnp.einsum("bhts,bhsc->bhtc", _probs(q, k).astype(v.dtype), v)
-
-
-def _attention_fwd(q, k, v):
-    w = _probs(q, k)
-    return jnp.einsum("bhts,bhsc->bhtc", w.astype(v.dtype), v), (q, k, v, w)
+    return _attention_fwd(q, k, v)[0]
 
 
 def _attention_bwd(res, g):
-    q, k, v, w = res
+    q, k, v, e, total, out = res
+    w = e / total
     dv = jnp.einsum("bhts,bhtc->bhsc", w.astype(g.dtype), g)
     dw = jnp.einsum("bhtc,bhsc->bhts", g, v, preferred_element_type=jnp.float32)
-    # Softmax backward, then the logits' 1/sqrt(ch) scale.
-    dlogits = w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True)) * (1.0 / math.sqrt(q.shape[-1]))
-    dlogits = dlogits.astype(q.dtype)
+    # Softmax backward: sum_s dw*w equals g . out row by row; then the 1/sqrt(ch) scale.
+    g_dot_out = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dlogits = (w * (dw - g_dot_out) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
     dq = jnp.einsum("bhts,bhsc->bhtc", dlogits, k)
     dk = jnp.einsum("bhts,bhtc->bhsc", dlogits, q)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
