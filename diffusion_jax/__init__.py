@@ -22,9 +22,10 @@ def _prefer_eigen_convolutions() -> None:
     U-Net's convolutions ~1.5x slower on x86 than Eigen (bench/model.py:
     forward 396 -> 238 ms, forward+backward 1354 -> 1067 ms on 2 cores).
     Matmuls and reductions stay on YNNPACK. Skipped when XLA_FLAGS already
-    names the option (set it yourself to choose), on other jaxlib versions
-    (the option is experimental and an unknown flag aborts XLA), and once a
-    backend is running (flags are read only at start-up).
+    names the option (set it yourself to choose) and on other jaxlib versions
+    (the option is experimental and an unknown flag aborts XLA). XLA reads
+    its flags when the backend starts, so this has no effect if a JAX
+    computation ran before ``import diffusion_jax``.
     """
     flags = _os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:

@@ -47,3 +47,19 @@ def test_attention_matches_dot_product_attention(dtype, rtol):
     got = jax.grad(lambda *a: jnp.sum(kernels.attention(*a) * ct).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(lambda *a: jnp.sum(want_fn(*a) * ct).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
     _close(got, want, 5 * rtol)
+
+
+def test_chunked_dense_is_dense_split():
+    import flax.linen as nn
+
+    from diffusion_jax.models.layers import ChunkedDense
+
+    x = jax.random.normal(jax.random.key(3), (4, 16))
+    ours, dense = ChunkedDense(12, chunks=3), nn.Dense(12)
+    params = ours.init(jax.random.key(4), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, dense.init(jax.random.key(4), x)))
+    params = jax.tree.map(lambda p: p + 1.0, params)  # a non-zero bias
+    want = dense.apply(params, x)
+    got = ours.apply(params, x)
+    assert len(got) == 3
+    _close(jnp.concatenate(got, axis=-1), want, 1e-6)
