@@ -19,8 +19,8 @@ def _prefer_eigen_convolutions() -> None:
     """Route XLA:CPU convolutions to Eigen instead of YNNPACK (jaxlib 0.10-0.11 only).
 
     jaxlib 0.10's default sends convolutions through YNNPACK, which runs the
-    U-Net's convolutions ~1.5x slower on x86 than Eigen (bench/model.py:
-    forward 396 -> 238 ms, forward+backward 1354 -> 1067 ms on 2 cores).
+    U-Net's convolutions ~1.5x slower on x86 than Eigen (figures in
+    bench/model.py's docstring; ``--xla_flags`` there compares the two).
     Matmuls and reductions stay on YNNPACK. Skipped when XLA_FLAGS already
     names the option (set it yourself to choose) and on other jaxlib versions
     (the option is experimental and an unknown flag aborts XLA). XLA reads

@@ -9,6 +9,7 @@ import pytest
 
 from diffusion_jax.models import kernels
 
+
 def _textbook_group_norm(x, scale, bias, groups, eps):
     g = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
     mean = jnp.mean(g, axis=(1, 3), keepdims=True)

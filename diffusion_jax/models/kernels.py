@@ -7,8 +7,10 @@ compare both, values and gradients); only the arrangement differs:
   contiguous reduction), then the channels of a group. Reducing the
   ``[B, HW, G, C/G]`` view in one go is ~5x slower on XLA:CPU.
 - ``attention``: softmax(q k^T / sqrt(ch)) v with heads moved ahead of the
-  sequence once, so every einsum is a plain batched GEMM, and a hand-written
-  backward pass that reuses the saved softmax (1.6x faster than autodiff's).
+  sequence once, so every einsum is a plain batched GEMM; the forward
+  normalises the [T, ch] output rather than the [T, S] weights, and a
+  hand-written backward reuses the saved exponentials (a block's gradient
+  33 -> 18 ms against autodiff's).
 
 Convolutions are XLA's own: ``diffusion_jax/__init__.py`` routes them to
 XLA:CPU's Eigen kernels, which beat its YNNPACK ones by ~1.5x here.
@@ -22,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
                epsilon: float) -> jax.Array:
