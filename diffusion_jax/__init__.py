@@ -11,31 +11,38 @@ from importlib import metadata as _metadata
 
 __version__ = "0.1.0"
 
-# XLA:CPU option this package sets before JAX starts its backend (no effect on GPU/TPU).
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot"
+# XLA:CPU options this package sets before JAX starts its backend (no effect on GPU/TPU).
+CPU_XLA_FLAGS = (
+    # Convolutions and dots to Eigen, reductions to YNNPACK (default: all three to YNNPACK).
+    "--xla_cpu_experimental_ynn_fusion_type=reduce",
+    # 512-bit vectors in XLA's own elementwise loops on AVX-512 machines (default 256).
+    "--xla_cpu_prefer_vector_width=512",
+)
 
 
-def _prefer_eigen_convolutions() -> None:
-    """Route XLA:CPU convolutions to Eigen instead of YNNPACK (jaxlib 0.10-0.11 only).
+def _set_cpu_flags() -> None:
+    """Append CPU_XLA_FLAGS to XLA_FLAGS (jaxlib 0.10-0.11 only).
 
-    jaxlib 0.10's default sends convolutions through YNNPACK, which runs the
-    U-Net's convolutions ~1.5x slower on x86 than Eigen (figures in
-    bench/model.py's docstring; ``--xla_flags`` there compares the two).
-    Matmuls and reductions stay on YNNPACK. Skipped when XLA_FLAGS already
-    names the option (set it yourself to choose) and on other jaxlib versions
-    (the option is experimental and an unknown flag aborts XLA). XLA reads
-    its flags when the backend starts, so this has no effect if a JAX
-    computation ran before ``import diffusion_jax``.
+    jaxlib 0.10 sends convolutions and dots through YNNPACK, which runs the
+    U-Net's convolutions ~1.5x slower than Eigen on x86 and its batched
+    attention matmuls ~2x slower; reductions stay on YNNPACK, which is
+    faster for them. Figures in bench/model.py's docstring. Each option is
+    skipped when XLA_FLAGS already names it (set it yourself to choose);
+    nothing is set on other jaxlib versions (the YNNPACK option is
+    experimental and an unknown flag aborts XLA). XLA reads its flags when
+    the backend starts, so this has no effect if a JAX computation ran before
+    ``import diffusion_jax``.
     """
     flags = _os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return
     try:
         major, minor = (int(p) for p in _metadata.version("jaxlib").split(".")[:2])
     except (_metadata.PackageNotFoundError, ValueError):
         return
-    if (major, minor) in ((0, 10), (0, 11)):
-        _os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
+    if (major, minor) not in ((0, 10), (0, 11)):
+        return
+    extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
+    if extra:
+        _os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
-_prefer_eigen_convolutions()
+_set_cpu_flags()
