@@ -81,7 +81,11 @@ def _group_norm_bwd(num_groups, epsilon, res, g):
     mean_dxhat_xhat = _group_mean(scale * sum_g_xhat, num_groups, n)
     coef_g, coef_x = inv_std * scale, inv_std * inv_std * mean_dxhat_xhat
     dx = g * coef_g[:, None, :] - (flat - mean[:, None, :]) * coef_x[:, None, :] - (inv_std * mean_dxhat)[:, None, :]
-    return dx.reshape(x.shape), jnp.sum(sum_g_xhat, axis=0), jnp.sum(sum_g, axis=0)
+    # Batch sums of the [B, C] partial sums as a dot: XLA would merge a second reduce into the
+    # first and re-read the activations for it.
+    ones = jnp.ones((b,), sum_g.dtype)
+    dscale, dbias = (jnp.dot(ones, s, precision=jax.lax.Precision.HIGHEST) for s in (sum_g_xhat, sum_g))
+    return dx.reshape(x.shape), dscale, dbias
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
