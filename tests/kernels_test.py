@@ -85,3 +85,30 @@ def test_cpu_flags_appended_once(monkeypatch):
     monkeypatch.setattr(diffusion_jax._metadata, "version", lambda _: "0.12.0")
     diffusion_jax._set_cpu_flags()  # unknown jaxlib: the experimental option could abort XLA
     assert os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 8), (1, 3, 5, 16)])
+def test_upsample_conv_is_conv_of_upsampled(shape):
+    import flax.linen as nn
+
+    from diffusion_jax.models.layers import UpsampleConv, conv, upsample_nearest
+
+    class Textbook(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return conv(12, "float32", name="conv")(upsample_nearest(x))
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return UpsampleConv(12, name="conv")(x)
+
+    x = jax.random.normal(jax.random.key(5), shape)
+    params = Ours().init(jax.random.key(6), x)
+    # Same parameter tree and init as nn.Conv, so checkpoints and converted weights carry over.
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, Textbook().init(jax.random.key(6), x)))
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    _close(Ours().apply(params, x), Textbook().apply(params, x), 2e-6)
+    ct = jax.random.normal(jax.random.key(7), (shape[0], 2 * shape[1], 2 * shape[2], 12))
+    grads = [jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * ct), argnums=(0, 1))(params, x) for m in (Ours(), Textbook())]
+    _close(grads[0], grads[1], 2e-6)

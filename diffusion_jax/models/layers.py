@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.kernels import attention, group_norm
+from diffusion_jax.models.kernels import attention, group_norm, upsample_conv3x3
 
 _ZEROS = nn.initializers.zeros
 
@@ -122,10 +122,29 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = upsample_nearest(x)
         if self.use_conv:
-            x = conv(self.out_channels, self.dtype, name="conv")(x)
-        return x
+            return UpsampleConv(self.out_channels, self.dtype, name="conv")(x)
+        return upsample_nearest(x)
+
+
+class UpsampleConv(nn.Module):
+    """``conv(features, 3x3)(upsample_nearest(x))`` without forming the upsampled image.
+
+    Same ``kernel``/``bias`` params and init as ``conv``'s nn.Conv (so the
+    same checkpoints load); computed by ``kernels.upsample_conv3x3``, 2.25x
+    fewer multiply-adds.
+    """
+
+    features: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return upsample_conv3x3(x, kernel) + bias
 
 
 class Downsample(nn.Module):
