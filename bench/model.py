@@ -12,11 +12,12 @@ the 2-core CPU machine this was written on.
 script never changes JAX's global config). Compile time is reported
 separately from the median of ``--runs`` timed calls.
 
-Figures (jaxlib 0.10.2, 2 cores, idle machine, 2026-11-28 14:25 UTC): float32
-forward ~206 ms median, forward+backward ~700 ms, with the XLA:CPU flag
-``import diffusion_jax`` sets (Eigen convolutions); without it (YNNPACK
-convolutions) ~396 ms and ~1350 ms. ``--xla_flags`` here is appended before
-JAX starts, so it can override that choice.
+Figures (jaxlib 0.10.2, 2 cores, 2026-11-28 17:13 UTC): float32 forward
+~160 ms median, forward+backward ~633 ms, with the XLA:CPU flags
+``import diffusion_jax`` sets (Eigen convolutions and matmuls, 512-bit
+loops). An earlier run with YNNPACK convolutions (jaxlib's default) read
+~396 ms and ~1350 ms. ``--xla_flags`` here is appended before JAX starts, so
+it can override that choice.
 """
 
 import argparse
