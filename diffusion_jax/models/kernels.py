@@ -1,7 +1,7 @@
 """The U-Net's hot spots, written the way XLA compiles them fastest.
 
-Each function computes exactly what its textbook form computes (the tests
-compare both, values and gradients); only the arrangement differs:
+Each function computes what its textbook form computes (the tests compare
+both, values and gradients, to float32 rounding); only the arrangement differs:
 
 - ``group_norm``: sums every channel over the spatial axes first (a
   contiguous reduction), then averages each group with a small [C, C] dot,
@@ -14,7 +14,6 @@ compare both, values and gradients); only the arrangement differs:
   normalises the [T, ch] output rather than the [T, S] weights, and a
   hand-written backward reuses the saved exponentials (a block's gradient
   33 -> 18 ms against autodiff's).
-
 - ``upsample_conv3x3``: a 3x3 conv of a nearest-neighbour 2x upsampled
   image as four 2x2 convs of the small image, one per output phase (16
   taps per input pixel instead of 36), interleaved.
@@ -152,8 +151,8 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """conv3x3(nearest_upsample_2x(x)) with PyTorch's padding 1, without the upsampled image.
 
     x [B, H, W, Cin], kernel [3, 3, Cin, Cout] (HWIO) -> [B, 2H, 2W, Cout], no bias.
-    Exactly the same sum as the textbook form, with the kernel taps that see the
-    same input pixel added first.
+    The same sum as the textbook form up to float rounding: the kernel taps that
+    see the same input pixel are added first.
     """
     b, h, w, _ = x.shape
     taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
