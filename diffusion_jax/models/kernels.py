@@ -76,14 +76,14 @@ def _group_norm_bwd(num_groups, epsilon, res, g):
     # Two reductions over the activations, then one elementwise pass.
     x, scale, mean, inv_std = res
     b, c = x.shape[0], x.shape[-1]
-    flat, g = x.reshape(b, -1, c), g.reshape(b, -1, c)
-    n = flat.shape[1] * (c // num_groups)
+    centred, g = x.reshape(b, -1, c) - mean[:, None, :], g.reshape(b, -1, c)
+    n = centred.shape[1] * (c // num_groups)
     sum_g = jnp.sum(g, axis=1)  # [B, C]
-    sum_g_xhat = inv_std * jnp.sum(g * (flat - mean[:, None, :]), axis=1)
+    sum_g_xhat = inv_std * jnp.sum(g * centred, axis=1)
     mean_dxhat = _group_mean(scale * sum_g, num_groups, n)
     mean_dxhat_xhat = _group_mean(scale * sum_g_xhat, num_groups, n)
     coef_g, coef_x = inv_std * scale, inv_std * inv_std * mean_dxhat_xhat
-    dx = g * coef_g[:, None, :] - (flat - mean[:, None, :]) * coef_x[:, None, :] - (inv_std * mean_dxhat)[:, None, :]
+    dx = g * coef_g[:, None, :] - centred * coef_x[:, None, :] - (inv_std * mean_dxhat)[:, None, :]
     # Batch sums of the [B, C] partial sums as a dot: XLA would merge a second reduce into the
     # first and re-read the activations for it.
     ones = jnp.ones((b,), sum_g.dtype)
