@@ -4,6 +4,8 @@
   forward pass, eps <- eps(null) + s * (eps(y) - eps(null)) on the eps channels.
 * `classifier_cond_fn` (Dhariwal & Nichol 2021): s * grad_x log p(y | x_t, t),
   to pass as `cond_fn` to any sampler in `diffusion_jax.sampling`.
+* `clip_cond_fn` (GLIDE, Nichol et al. 2021): s * grad_x of the noised-CLIP
+  logit of x_t with its caption, passed the same way.
 
 Both are pure functions of arrays and compose: `p_sample_loop(rng,
 classifier_free(model_fn, 3.0, null_label=1000), ..., cond_fn=classifier_cond_fn(clf, 1.0))`.
@@ -130,6 +132,43 @@ def classifier_cond_fn(classifier_fn: ClassifierFn, scale: float) -> Callable:
             return jnp.sum(jnp.take_along_axis(log_probs, y[:, None].astype(jnp.int32), axis=-1))
 
         return jax.grad(log_p)(x.astype(jnp.float32)) * scale
+
+    return cond_fn
+
+
+def clip_cond_fn(image_fn: ClassifierFn, text_embeddings: jax.Array, scale: float, *,
+                 logit_scale: float = 100.0) -> Callable:
+    """CLIP guidance gradient (Nichol et al. 2021, GLIDE Sec. 2.4, Eq. 3 with a noised CLIP).
+
+    cond_fn(x, timesteps) = scale * d/dx logit_scale * sum_i <t_i / (|t_i| + 1e-12), f_i / (|f_i| + 1e-12)>
+    with f = image_fn(x, timesteps) and t = text_embeddings: the CLIP logit of
+    each image with its own caption, as glide-text2im's ``CLIPModel.cond_fn``.
+    Pass it as `cond_fn` to any sampler, like `classifier_cond_fn`.
+
+    Args:
+      image_fn: `(x [B,H,W,C] in [-1, 1], timesteps [B]) -> raw image embedding [B, D]`
+        (e.g. `lambda x, t: clip_image.apply({'params': p}, x, t)`). It receives
+        the sampler's model timesteps: GLIDE's noised CLIP indexes a table by the
+        original timestep, so use a schedule without `rescale_timesteps`.
+      text_embeddings: raw text embeddings `[B, D]` (or `[1, D]` / `[D]`, broadcast).
+      scale: the guidance scale s.
+      logit_scale: CLIP's logit scale (exp of its learned temperature; 100 in GLIDE).
+
+    Returns:
+      `cond_fn(x, timesteps, y=None) -> [B, H, W, C]` float32; `y` is ignored.
+    """
+    text = jnp.asarray(text_embeddings, jnp.float32)
+    text = text / (jnp.linalg.norm(text, axis=-1, keepdims=True) + 1e-12)
+
+    def cond_fn(x, timesteps, y=None):
+        del y
+
+        def logit(x_in):
+            z = image_fn(x_in, timesteps).astype(jnp.float32)
+            z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
+            return logit_scale * jnp.sum(jnp.broadcast_to(text, z.shape) * z)
+
+        return jax.grad(logit)(x.astype(jnp.float32)) * scale
 
     return cond_fn
 

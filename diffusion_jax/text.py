@@ -13,6 +13,9 @@
 The BPE itself runs in ``tiktoken`` (an ``Encoding`` built from the local files;
 nothing is downloaded). ``ByteTokenizer`` is a vocabulary-free fallback for
 models trained from scratch (ids = UTF-8 bytes, 256 = end/padding).
+
+``load_clip_tokenizer(bpe_path)`` (re-exported from ``diffusion_jax.clip_tokenizer``)
+is CLIP's tokenizer, which GLIDE's noised CLIP reads.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+# DESIGN.md §6: CLIP's tokenizer (GLIDE's noised CLIP) lives in its own module.
+from diffusion_jax.clip_tokenizer import ClipTokenizer, load_clip_tokenizer  # noqa: F401
 
 # DESIGN.md §4 lists `classifier_cond_fn` under `diffusion_jax.text`; it lives
 # with the other guidance transforms and is re-exported here for that contract.
