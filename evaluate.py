@@ -14,7 +14,9 @@ import os
 
 from absl import app, flags
 
-from diffusion_jax import parallel
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
+from diffusion_jax.runtime import parallel
 
 flags.DEFINE_string("workdir", None, "training workdir or converted OpenAI checkpoint directory")
 flags.DEFINE_enum("metric", "nll", ["nll", "fid", "samples"],

@@ -9,12 +9,14 @@
 
 Writes `samples_NxHxWxC.npz` (OpenAI's `arr_0` uint8 NHWC / `arr_1` labels) and a
 PNG grid to --out (default <workdir>/samples) and prints both paths.  The work
-lives in `diffusion_jax.sample_lib`.
+lives in `diffusion_jax.generation.program`.
 """
 
 from absl import app, flags
 
-from diffusion_jax import parallel
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
+from diffusion_jax.runtime import parallel
 
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
@@ -59,7 +61,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from diffusion_jax import sample_lib
+    from diffusion_jax.generation import program as sample_lib
 
     opts = sample_lib.SampleOptions(
         num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, timestep_respacing=FLAGS.timestep_respacing,

@@ -11,7 +11,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax import parallel
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
+from diffusion_jax.runtime import parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable from anywhere
 
@@ -26,7 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
 
-    from diffusion_jax import train_lib
+    from diffusion_jax.training import loop as train_lib
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "digits"))[0]

@@ -42,6 +42,8 @@ def parse_args(argv=None):
 
 def _timed(fn, *args, runs: int):
     """(compile_s, [run_s...]): AOT-compile, then time `runs` calls."""
+    from diffusion_jax.runtime.xla_flags import set_cpu_flags
+    set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     import jax
 
     t0 = time.perf_counter()

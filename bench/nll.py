@@ -16,6 +16,8 @@ per batch-8 forward measured for this network on the CPU machine, that is
 import argparse
 import time
 
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax
 import jax.numpy as jnp
 import numpy as np

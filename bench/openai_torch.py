@@ -241,6 +241,8 @@ def flax_to_torch(path, v):
 
 def check(args):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from diffusion_jax.runtime.xla_flags import set_cpu_flags
+    set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     import jax
     import jax.numpy as jnp
 

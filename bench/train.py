@@ -17,11 +17,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from diffusion_jax import parallel, train_lib, train_steps  # noqa: E402
+from diffusion_jax.runtime import parallel  # noqa: E402
+from diffusion_jax.training import loop as train_lib
+from diffusion_jax.training import steps as train_steps
 
 
 def reference_config(batch: int, dtype: str, remat: bool):

@@ -26,6 +26,8 @@ import statistics
 import sys
 import time
 
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from diffusion_jax import parallel, sampling, schedules, train_lib, train_steps  # noqa: E402
+from diffusion_jax import sampling, schedules  # noqa: E402
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import loop as train_lib
+from diffusion_jax.training import steps as train_steps
 from diffusion_jax.evaluation import nll  # noqa: E402
 
 

@@ -1,48 +1,14 @@
 """diffusion_jax: Improved DDPM / ADM / classifier-free guidance / GLIDE in JAX.
 
-Layers (imports run one way only):
-  math           schedules, gaussian, likelihood, objectives, sampling, guidance
+Layers (imports run one way only; a lower layer never imports a higher one):
+  math           schedules, gaussian, likelihood, objectives, sampling, guidance, text
   models         models/ (Flax modules; no diffusion math)
-  orchestration  data/, parallel, train_lib, checkpoints, evaluation/, convert
+  orchestration  convert/ (OpenAI checkpoints), runtime/ (mesh, checkpoints, the
+                 config file, model kinds), data/, and one folder per program:
+                 training/ (train.py), generation/ (sample.py), evaluation/ (evaluate.py)
+
+Importing the package changes nothing global; the programs call
+`diffusion_jax.runtime.xla_flags.set_cpu_flags()` before JAX starts.
 """
 
-import os as _os
-from importlib import metadata as _metadata
-
 __version__ = "0.1.0"
-
-# XLA:CPU options this package sets before JAX starts its backend (no effect on GPU/TPU).
-CPU_XLA_FLAGS = (
-    # Convolutions and dots to Eigen, reductions to YNNPACK (default: all three to YNNPACK).
-    "--xla_cpu_experimental_ynn_fusion_type=reduce",
-    # 512-bit vectors in XLA's own elementwise loops on AVX-512 machines (default 256).
-    "--xla_cpu_prefer_vector_width=512",
-)
-
-
-def _set_cpu_flags() -> None:
-    """Append CPU_XLA_FLAGS to XLA_FLAGS (jaxlib 0.10-0.11 only).
-
-    jaxlib 0.10 sends convolutions and dots through YNNPACK, which runs the
-    U-Net's convolutions ~1.5x slower than Eigen on x86 and its batched
-    attention matmuls ~2x slower; reductions stay on YNNPACK, which is
-    faster for them. Figures in bench/model.py's docstring. Each option is
-    skipped when XLA_FLAGS already names it (set it yourself to choose);
-    nothing is set on other jaxlib versions (the YNNPACK option is
-    experimental and an unknown flag aborts XLA). XLA reads its flags when
-    the backend starts, so this has no effect if a JAX computation ran before
-    ``import diffusion_jax``.
-    """
-    flags = _os.environ.get("XLA_FLAGS", "")
-    try:
-        major, minor = (int(p) for p in _metadata.version("jaxlib").split(".")[:2])
-    except (_metadata.PackageNotFoundError, ValueError):
-        return
-    if (major, minor) not in ((0, 10), (0, 11)):
-        return
-    extra = [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in flags]
-    if extra:
-        _os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
-
-
-_set_cpu_flags()

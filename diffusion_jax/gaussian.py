@@ -1,7 +1,7 @@
 """The forward process q and the model's reverse Gaussian p, as pure functions.
 
 Semantics follow OpenAI's `GaussianDiffusion` exactly (Ho et al. 2020;
-Nichol & Dhariwal 2021).  Arrays are NHWC; `t` is an int32 `[B]` index into
+Nichol & Dhariwal 2021); the "v" mean type is Salimans & Ho (2022).  Arrays are NHWC; `t` is an int32 `[B]` index into
 the (possibly respaced) schedule.  Every returned array has the full shape of
 `x_t` (OpenAI broadcasts gathered coefficients the same way).
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.schedules import Schedule
 
-MEAN_TYPES = ("epsilon", "start_x", "previous_x")
+MEAN_TYPES = ("epsilon", "start_x", "previous_x", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
@@ -46,8 +46,13 @@ def check_var_type(var_type: str) -> None:
 
 
 def extract(table: jax.Array, t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """table[t] broadcast to `shape` (`[B, ...]`); float32 like OpenAI's lookups."""
-    values = jnp.asarray(table)[t].astype(jnp.float32)
+    """table[t] broadcast to `shape` (`[B, ...]`); float32 like OpenAI's lookups.
+
+    A float64 table (a Schedule built under `jax.experimental.enable_x64`, as
+    the solver-order tests do) stays float64.
+    """
+    table = jnp.asarray(table)
+    values = table[t].astype(jnp.float64 if table.dtype == jnp.float64 else jnp.float32)
     return jnp.broadcast_to(values.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
 
 
@@ -101,6 +106,37 @@ def predict_eps_from_xstart(schedule: Schedule, x_t: jax.Array, t: jax.Array,
     shape = x_t.shape
     return ((extract(schedule.sqrt_recip_alphas_cumprod, t, shape) * x_t - pred_xstart)
             / extract(schedule.sqrt_recipm1_alphas_cumprod, t, shape))
+
+
+def predict_v(schedule: Schedule, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """The v-prediction target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4).
+
+    Args:
+      x_start: x_0 `[B, H, W, C]`; t: int32 `[B]`; noise: the eps x_t was drawn with.
+
+    Returns:
+      v `[B, H, W, C]`.
+    """
+    _check_same_shape(x_start, noise, "x_start", "noise")
+    shape = x_start.shape
+    return (extract(schedule.sqrt_alphas_cumprod, t, shape) * noise
+            - extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape) * x_start)
+
+
+def predict_xstart_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022, Eq. 9 with alpha^2 + sigma^2 = 1)."""
+    _check_same_shape(x_t, v, "x_t", "v")
+    shape = x_t.shape
+    return (extract(schedule.sqrt_alphas_cumprod, t, shape) * x_t
+            - extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape) * v)
+
+
+def predict_eps_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v (Salimans & Ho 2022, Appendix D)."""
+    _check_same_shape(x_t, v, "x_t", "v")
+    shape = x_t.shape
+    return (extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape) * x_t
+            + extract(schedule.sqrt_alphas_cumprod, t, shape) * v)
 
 
 def predict_xstart_from_xprev(schedule: Schedule, x_t: jax.Array, t: jax.Array,
@@ -167,7 +203,8 @@ def p_mean_variance(schedule: Schedule, model_output: jax.Array, x_t: jax.Array,
         (mean part first, then the variance values).
       x_t: `[B, H, W, C]`.
       t: int32 `[B]`.
-      mean_type: what the mean part predicts: "epsilon", "start_x", "previous_x".
+      mean_type: what the mean part predicts: "epsilon", "start_x", "previous_x",
+        or "v" (v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, Salimans & Ho 2022).
       var_type: "fixed_small", "fixed_large", "learned", "learned_range".
       clip_denoised: clamp pred_xstart to [-1, 1] before forming the mean.
       denoised_fn: optional map applied to pred_xstart before clipping.
@@ -191,6 +228,8 @@ def p_mean_variance(schedule: Schedule, model_output: jax.Array, x_t: jax.Array,
     else:
         if mean_type == "start_x":
             pred_xstart = process_xstart(mean_part)
+        elif mean_type == "v":
+            pred_xstart = process_xstart(predict_xstart_from_v(schedule, x_t, t, mean_part))
         else:
             pred_xstart = process_xstart(predict_xstart_from_eps(schedule, x_t, t, mean_part))
         mean = q_posterior(schedule, pred_xstart, x_t, t).mean

@@ -54,7 +54,7 @@ def hybrid_lambda(loss_type: str, num_timesteps: int) -> float:
 
 def training_losses(schedule: Schedule, model_output: jax.Array, x_start: jax.Array, x_t: jax.Array,
                     t: jax.Array, noise: jax.Array, *, mean_type: str, var_type: str, loss_type: str,
-                    vb_scale: float | None = None) -> LossTerms:
+                    vb_scale: float | None = None, snr_gamma: float = 0.0) -> LossTerms:
     """Per-example training losses for one batch (OpenAI's `training_losses`).
 
     Args:
@@ -69,13 +69,19 @@ def training_losses(schedule: Schedule, model_output: jax.Array, x_start: jax.Ar
       loss_type: "mse" / "rescaled_mse" (L_simple, plus the vb term with
         learned variances: L_hybrid), "kl" / "rescaled_kl" (L_vlb).
       vb_scale: override the factor on the vb term (see `vb_weight`).
+      snr_gamma: min-SNR-gamma weighting of the MSE term (Hang et al. 2023);
+        0 keeps it off (OpenAI's loss), a typical value is 5.  See
+        `min_snr_weight`; the vb term is not reweighted.
 
     Returns:
-      LossTerms(loss, mse, vb).  For MSE types the vb term sees the mean part
-      through a stop-gradient, so it trains only the variance (Sec. 3.1).
+      LossTerms(loss, mse, vb) with loss = mse + vb (or vb alone for the KL
+      types); `mse` is the (min-SNR weighted) MSE term.  For MSE types the vb
+      term sees the mean part through a stop-gradient, so it trains only the
+      variance (Sec. 3.1).
     """
     check_loss_type(loss_type)
     gaussian.check_mean_type(mean_type)
+    _check_snr_gamma(snr_gamma, mean_type)
     mean_part, var_values = gaussian.split_model_output(model_output, x_t, var_type)
     weight = vb_weight(loss_type, schedule.num_timesteps) if vb_scale is None else vb_scale
     zeros = jnp.zeros(x_t.shape[:1], jnp.float32)
@@ -94,10 +100,67 @@ def training_losses(schedule: Schedule, model_output: jax.Array, x_start: jax.Ar
         target = gaussian.q_posterior(schedule, x_start, x_t, t).mean
     elif mean_type == "start_x":
         target = x_start
+    elif mean_type == "v":
+        target = gaussian.predict_v(schedule, x_start, t, noise)
     else:
         target = noise
     mse = likelihood.mean_flat((target - mean_part) ** 2)
+    if snr_gamma > 0:
+        mse = mse * min_snr_weight(snr(schedule, t), snr_gamma, mean_type)
     return LossTerms(loss=mse + vb, mse=mse, vb=vb)
+
+
+# ----------------------------------------------------------------------------
+# Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training
+# via Min-SNR Weighting Strategy", Sec. 3.4).
+
+MIN_SNR_MEAN_TYPES = ("epsilon", "start_x", "v")
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    """SNR(t) = abar_t / (1 - abar_t) of the (respaced) schedule, `[B]` float32."""
+    return (jnp.asarray(schedule.alphas_cumprod)[t].astype(jnp.float32)
+            / jnp.asarray(schedule.one_minus_alphas_cumprod)[t].astype(jnp.float32))
+
+
+def min_snr_weight(snr_t: jax.Array, gamma: float, mean_type: str) -> jax.Array:
+    """Per-example weight of the MSE term under min-SNR-gamma (Hang et al. 2023, Eq. 12).
+
+    The x_0-space weight min(SNR, gamma) expressed in each parameterisation's
+    own MSE.  At fixed x_t, ||eps - eps_hat||^2 = SNR ||x_0 - x_0_hat||^2 and
+    ||v - v_hat||^2 = (SNR + 1) ||x_0 - x_0_hat||^2, so the weights are
+    min(SNR, gamma) for "start_x", min(SNR, gamma) / SNR for "epsilon" and
+    min(SNR, gamma) / (SNR + 1) for "v".  gamma = 0 means off: weight 1.
+
+    Args:
+      snr_t: SNR `[B]` (any shape), e.g. `snr(schedule, t)`.
+      gamma: the clamp gamma >= 0.
+      mean_type: "epsilon", "start_x" or "v".
+
+    Returns:
+      Weights with the shape of `snr_t`.
+
+    Raises:
+      ValueError: gamma < 0 or a mean type without a min-SNR weight.
+    """
+    _check_snr_gamma(gamma, mean_type)
+    snr_t = jnp.asarray(snr_t)
+    if gamma == 0:
+        return jnp.ones_like(snr_t)
+    clamped = jnp.minimum(snr_t, gamma)
+    if mean_type == "start_x":
+        return clamped
+    if mean_type == "v":
+        return clamped / (snr_t + 1)
+    return clamped / snr_t
+
+
+def _check_snr_gamma(gamma: float, mean_type: str) -> None:
+    if gamma < 0:
+        raise ValueError(f"snr_gamma must be >= 0 (0 turns min-SNR weighting off, 5 is the paper's value), got {gamma}")
+    if gamma > 0 and mean_type not in MIN_SNR_MEAN_TYPES:
+        raise ValueError(f"min-SNR weighting (snr_gamma={gamma}) is defined for mean_type in "
+                         f"{', '.join(MIN_SNR_MEAN_TYPES)}, not {mean_type!r}; set snr_gamma=0")
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Ancestral (DDPM) and DDIM sampling: single steps and compiled loops.
 
+DPM-Solver(++) lives in `diffusion_jax.dpm_solver`; its loop is re-exported
+here as `dpm_solver_sample_loop`, and `named_sampler` maps the programs'
+sampler names to loops.
+
 Semantics follow OpenAI's guided-diffusion `GaussianDiffusion` exactly
 (`p_sample`, `ddim_sample`, `ddim_reverse_sample`, `condition_mean`,
 `condition_score`), including the float32 order of operations, so a step fed
@@ -14,6 +18,7 @@ depend on the batch size or on how the batch is sharded over devices.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,11 +27,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax import gaussian
+from diffusion_jax.dpm_solver import dpm_solver_sample_loop
 from diffusion_jax.gaussian import MeanVariance, extract
 from diffusion_jax.schedules import Schedule
 
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 CondFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+SAMPLER_NAMES = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s")
 
 
 class Trajectory(NamedTuple):
@@ -198,8 +205,15 @@ class _Progress:
             self.bar = None
 
 
-def _progress_every(total: int) -> int:
-    return max(1, total // 50)
+def progress_reporter(num_steps: int) -> Callable[[jax.Array], None]:
+    """`report(k)` for use inside a scan over K steps: feeds a tqdm bar every ~K/50 steps."""
+    hook = _Progress(num_steps)
+    every = max(1, num_steps // 50)
+
+    def report(k):
+        lax.cond((k % every == 0) | (k == num_steps - 1), lambda: jax.debug.callback(hook, k), lambda: None)
+
+    return report
 
 
 def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Callable, explicit_noise, *,
@@ -208,17 +222,15 @@ def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Cal
     num_steps = schedule.num_timesteps
     ks = jnp.arange(num_steps, dtype=jnp.int32)
     ts = num_steps - 1 - ks
-    hook = _Progress(num_steps) if progress else None
-    every = _progress_every(num_steps)
+    report = progress_reporter(num_steps) if progress else None
 
     def body(x, xs):
         k, t_scalar, given = xs
         t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
         noise = noise_fn(t_scalar) if given is None else given
         x, pred_xstart = step(x, t, noise)
-        if hook is not None:
-            report = (k % every == 0) | (k == num_steps - 1)
-            lax.cond(report, lambda: jax.debug.callback(hook, k), lambda: None)
+        if report is not None:
+            report(k)
         return x, ((x, pred_xstart) if return_trajectory else None)
 
     x, traj = lax.scan(body, x_T, (ks, ts, explicit_noise))
@@ -227,7 +239,8 @@ def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Cal
     return x
 
 
-def _check_loop_shapes(shape, sample_ids, x_T):
+def check_loop_shapes(shape, sample_ids, x_T) -> None:
+    """Raise a ValueError if `sample_ids` `[B]` or `x_T` do not fit `shape`."""
     if sample_ids.shape != (shape[0],):
         raise ValueError(f"sample_ids has shape {tuple(sample_ids.shape)} but the batch is {shape[0]} (shape {shape})")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
@@ -237,7 +250,7 @@ def _check_loop_shapes(shape, sample_ids, x_T):
 def _loop(step: Callable, rng, schedule, shape, *, sample_ids, x_T, progress, return_trajectory):
     shape = tuple(int(d) for d in shape)
     sample_ids = jnp.arange(shape[0], dtype=jnp.int32) if sample_ids is None else jnp.asarray(sample_ids)
-    _check_loop_shapes(shape, sample_ids, x_T)
+    check_loop_shapes(shape, sample_ids, x_T)
     keys = sample_keys(rng, sample_ids)
     x = initial_noise(keys, shape) if x_T is None else jnp.asarray(x_T, jnp.float32)
     return _run_chain(step, schedule, x, lambda t: step_noise(keys, t, shape), None, progress=progress,
@@ -354,3 +367,29 @@ def ddim_reverse_sample_loop(model_fn: ModelFn, schedule: Schedule, x_0: jax.Arr
     ts = jnp.arange(schedule.num_timesteps - 1, dtype=jnp.int32)
     x, _ = lax.scan(body, jnp.asarray(x_0, jnp.float32), ts)
     return x
+
+
+def named_sampler(name: str) -> Callable:
+    """The loop behind a sampler name (`sample.py --sampler=NAME`), options bound.
+
+    "ancestral" -> `p_sample_loop`; "ddim" -> `ddim_sample_loop` (pass `eta`);
+    "dpm++2m" / "dpm++3m" -> `dpm_solver_sample_loop` multistep order 2 / 3
+    with "dpmsolver++" (DPM-Solver++(2M), Lu et al. 2022b); "dpm2s" ->
+    singlestep order 2 with "dpmsolver" (DPM-Solver-2, Lu et al. 2022a).
+    Every returned loop is called as `loop(rng, model_fn, schedule, shape, *,
+    mean_type, var_type, clip_denoised, cond_fn, y, sample_ids, x_T, ...)`.
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    loops = {
+        "ancestral": (p_sample_loop, {}),
+        "ddim": (ddim_sample_loop, {}),
+        "dpm++2m": (dpm_solver_sample_loop, {"order": 2, "method": "multistep", "algorithm": "dpmsolver++"}),
+        "dpm++3m": (dpm_solver_sample_loop, {"order": 3, "method": "multistep", "algorithm": "dpmsolver++"}),
+        "dpm2s": (dpm_solver_sample_loop, {"order": 2, "method": "singlestep", "algorithm": "dpmsolver"}),
+    }
+    if name not in loops:
+        raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
+    loop, options = loops[name]
+    return functools.partial(loop, **options)

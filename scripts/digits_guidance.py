@@ -20,11 +20,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffusion_jax import checkpoints, guidance, sampling, schedules, train_samples  # noqa: E402
+from diffusion_jax import guidance, sampling, schedules  # noqa: E402
+from diffusion_jax.runtime import checkpoints
+from diffusion_jax.training import grids as train_samples
 from diffusion_jax.data import pipeline  # noqa: E402
 
 

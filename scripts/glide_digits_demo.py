@@ -50,7 +50,7 @@ def clean_classifier(workdir: str):
     """(predict(uint8 [N, 8, 8, 1]) -> int [N], description)."""
     import numpy as np
 
-    from diffusion_jax import checkpoints
+    from diffusion_jax.runtime import checkpoints
 
     if os.path.isdir(workdir) and checkpoints.has_checkpoints(workdir):
         import jax.numpy as jnp
@@ -75,10 +75,13 @@ def clean_classifier(workdir: str):
 
 
 def main(argv):
+    from diffusion_jax.runtime.xla_flags import set_cpu_flags
+
+    set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     del argv
     import numpy as np
 
-    from diffusion_jax import sample_lib
+    from diffusion_jax.generation import program as sample_lib
 
     predict, about = clean_classifier(FLAGS.classifier_workdir)
     print(f"clean classifier: {about}")

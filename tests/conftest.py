@@ -8,3 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Never reach the network from tests (TFDS GCS lookups etc.).
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".tfds"))
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# The programs' XLA:CPU options, so tests compile what users run.
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+
+set_cpu_flags()

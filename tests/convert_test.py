@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax import convert, openai_flags
+from diffusion_jax import convert
+from diffusion_jax.convert import openai_flags
 
 jax.config.update("jax_disable_most_optimizations", True)
 

@@ -13,8 +13,12 @@ from absl.testing import absltest
 from PIL import Image
 
 from configs import glide_digits
-from diffusion_jax import checkpoints, convert, models, sample_lib, text, train_lib, train_steps
-from diffusion_jax import text_conditioning as tc
+from diffusion_jax import convert, models, text
+from diffusion_jax.runtime import checkpoints
+from diffusion_jax.generation import program as sample_lib
+from diffusion_jax.training import loop as train_lib
+from diffusion_jax.training import steps as train_steps
+from diffusion_jax.runtime import text_conditioning as tc
 
 jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
 

@@ -1,6 +1,5 @@
-"""The fast formulations in models/kernels.py against their textbook forms (values and gradients)."""
+"""models/kernels.py: both forms ("cpu", "xla") against float64 NumPy formulas and each other (values, gradients)."""
 
-import math
 import os
 
 import jax
@@ -8,50 +7,80 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models import kernels
+from diffusion_jax.models import kernels, layers
 
-
-def _textbook_group_norm(x, scale, bias, groups, eps):
-    g = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
-    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
-    return ((g - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
+FORMS = ("cpu", "xla")
 
 
 def _close(a, b, rtol):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        assert u.shape == v.shape, (u.shape, v.shape)
         scale = np.max(np.abs(v)) + 1e-30
         assert np.max(np.abs(u - v)) / scale < rtol, np.max(np.abs(u - v)) / scale
 
 
+def _np_group_norm(x, scale, bias, groups, eps, ct):
+    """float64 GroupNorm and its VJP for cotangent ct: (y, (dx, dscale, dbias))."""
+    x, scale, bias, ct = (np.asarray(a, np.float64) for a in (x, scale, bias, ct))
+    b, c = x.shape[0], x.shape[-1]
+    g = x.reshape(b, -1, groups, c // groups)
+    mean_g = lambda a: np.broadcast_to(np.mean(a, axis=(1, 3), keepdims=True), a.shape)
+    inv_std = 1 / np.sqrt(mean_g(np.square(g - mean_g(g))) + eps)
+    xhat = (g - mean_g(g)) * inv_std
+    dxhat = (ct * scale).reshape(g.shape)
+    dx = inv_std * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat))
+    xhat = xhat.reshape(x.shape)
+    axes = tuple(range(x.ndim - 1))
+    return xhat * scale + bias, (dx.reshape(x.shape), np.sum(ct * xhat, axes), np.sum(ct, axes))
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(3, 8, 8, 64), (2, 5, 7, 32), (4, 96), (2, 4, 4, 4, 64)])
 # The second case: float32 holds x only to ~1e-4 of its spread, but a one-pass
 # E[x^2] - E[x]^2 variance would be off by percents.
 @pytest.mark.parametrize("std,offset,rtol", [(3.0, 2.0, 2e-6), (0.05, 40.0, 5e-4)])
-def test_group_norm_matches_textbook(shape, std, offset, rtol):
+def test_group_norm_matches_numpy(form, shape, std, offset, rtol):
     kx, ks, kb, kc = jax.random.split(jax.random.key(0), 4)
     x = std * jax.random.normal(kx, shape) + offset
     c = shape[-1]
     scale, bias = 1 + jax.random.normal(ks, (c,)), jax.random.normal(kb, (c,))
     ct = jax.random.normal(kc, shape)
-    _close(kernels.group_norm(x, scale, bias, 32, 1e-5), _textbook_group_norm(x, scale, bias, 32, 1e-5), rtol)
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a, 32, 1e-5) * ct), argnums=(0, 1, 2))(x, scale, bias)
-             for f in (kernels.group_norm, _textbook_group_norm)]
-    _close(grads[0], grads[1], 5 * rtol)
+    fn = lambda *a: kernels.group_norm(*a, 32, 1e-5, kernels=form)
+    want, want_grads = _np_group_norm(x, scale, bias, 32, 1e-5, ct)
+    _close(fn(x, scale, bias), want, rtol)
+    _close(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2))(x, scale, bias), want_grads, 5 * rtol)
 
 
+def _np_attention(q, k, v, ct):
+    """float64 softmax(q k^T / sqrt(ch)) v per head ([B, T, heads, ch]) and its VJP: (out, (dq, dk, dv))."""
+    q, k, v, ct = (np.asarray(a, np.float64) for a in (q, k, v, ct))
+    s = 1 / np.sqrt(q.shape[-1])
+    logits = np.einsum("bthc,bshc->bhts", q, k) * s
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    dw = np.einsum("bthc,bshc->bhts", ct, v)
+    dlogits = w * (dw - np.sum(dw * w, -1, keepdims=True)) * s
+    grads = (np.einsum("bhts,bshc->bthc", dlogits, k), np.einsum("bhts,bthc->bshc", dlogits, q),
+             np.einsum("bhts,bthc->bshc", w, ct))
+    return np.einsum("bhts,bshc->bthc", w, v), grads
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
-def test_attention_matches_dot_product_attention(dtype, rtol):
+@pytest.mark.parametrize("t,s", [(10, 10), (6, 14)])  # self-attention; queries over prepended keys
+def test_attention_matches_numpy(form, dtype, rtol, t, s):
     kq, kk, kv, kc = jax.random.split(jax.random.key(2), 4)
-    shape = (2, 10, 3, 8)  # [B, T, heads, ch]
-    q, k, v = (2 * jax.random.normal(key, shape).astype(dtype) for key in (kq, kk, kv))
-    ct = jax.random.normal(kc, shape).astype(dtype)
-    want_fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(8))
-    _close(kernels.attention(q, k, v), want_fn(q, k, v), rtol)
-    got = jax.grad(lambda *a: jnp.sum(kernels.attention(*a) * ct).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: jnp.sum(want_fn(*a) * ct).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
-    _close(got, want, 5 * rtol)
+    q = (2 * jax.random.normal(kq, (2, t, 3, 8))).astype(dtype)  # [B, T, heads, ch]
+    k, v = ((2 * jax.random.normal(key, (2, s, 3, 8))).astype(dtype) for key in (kk, kv))
+    ct = jax.random.normal(kc, q.shape).astype(dtype)
+    fn = lambda *a: kernels.attention(*a, kernels=form)
+    out = fn(q, k, v)
+    assert out.dtype == dtype
+    want, want_grads = _np_attention(q, k, v, ct)  # from the rounded inputs
+    _close(out, want, rtol)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a) * ct).astype(jnp.float32), argnums=(0, 1, 2))(q, k, v)
+    _close(grads, want_grads, 5 * rtol)
 
 
 def test_chunked_dense_is_dense_split():
@@ -71,24 +100,33 @@ def test_chunked_dense_is_dense_split():
 
 
 def test_cpu_flags_appended_once(monkeypatch):
-    import diffusion_jax
+    from diffusion_jax.runtime import xla_flags
 
-    names = [f.split("=")[0] for f in diffusion_jax.CPU_XLA_FLAGS]
+    names = [f.split("=")[0] for f in xla_flags.CPU_XLA_FLAGS]
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {names[1]}=256")
-    monkeypatch.setattr(diffusion_jax._metadata, "version", lambda _: "0.10.2")
-    diffusion_jax._set_cpu_flags()
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda _: "0.10.2")
+    xla_flags.set_cpu_flags()
     flags = os.environ["XLA_FLAGS"].split()
-    assert flags == ["--xla_force_host_platform_device_count=2", f"{names[1]}=256", diffusion_jax.CPU_XLA_FLAGS[0]]
-    diffusion_jax._set_cpu_flags()  # idempotent, and a user's own choice is kept
+    assert flags == ["--xla_force_host_platform_device_count=2", f"{names[1]}=256", xla_flags.CPU_XLA_FLAGS[0]]
+    xla_flags.set_cpu_flags()  # idempotent, and a user's own choice is kept
     assert os.environ["XLA_FLAGS"].split() == flags
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(diffusion_jax._metadata, "version", lambda _: "0.12.0")
-    diffusion_jax._set_cpu_flags()  # unknown jaxlib: the experimental option could abort XLA
+    monkeypatch.setattr(xla_flags.metadata, "version", lambda _: "0.12.0")
+    xla_flags.set_cpu_flags()  # unknown jaxlib: the experimental option could abort XLA
     assert os.environ["XLA_FLAGS"] == ""
 
 
+def test_library_import_changes_nothing_global():
+    import subprocess
+    import sys
+
+    code = "import os; before = dict(os.environ); import diffusion_jax; assert dict(os.environ) == before"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", [(2, 4, 4, 8), (1, 3, 5, 16)])
-def test_upsample_conv_is_conv_of_upsampled(shape):
+def test_upsample_conv_is_conv_of_upsampled(form, shape):
     import flax.linen as nn
 
     from diffusion_jax.models.layers import UpsampleConv, conv, upsample_nearest
@@ -101,7 +139,7 @@ def test_upsample_conv_is_conv_of_upsampled(shape):
     class Ours(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return UpsampleConv(12, name="conv")(x)
+            return UpsampleConv(12, kernels=form, name="conv")(x)
 
     x = jax.random.normal(jax.random.key(5), shape)
     params = Ours().init(jax.random.key(6), x)
@@ -112,3 +150,77 @@ def test_upsample_conv_is_conv_of_upsampled(shape):
     ct = jax.random.normal(jax.random.key(7), (shape[0], 2 * shape[1], 2 * shape[2], 12))
     grads = [jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * ct), argnums=(0, 1))(params, x) for m in (Ours(), Textbook())]
     _close(grads[0], grads[1], 2e-6)
+
+
+def _np_qkv_attention(qkv, ekv, heads, legacy):
+    """OpenAI's QKVAttention(Legacy) (+ GLIDE's encoder_kv) in float64, by explicit channel slices."""
+    qkv = np.asarray(qkv, np.float64)
+    c = qkv.shape[-1] // 3
+    ch = c // heads
+
+    def part(a, n, h, j):  # head h's j-th part of an n-part projection
+        start = h * n * ch + j * ch if legacy else j * c + h * ch
+        return a[..., start:start + ch]
+
+    outs = []
+    for h in range(heads):
+        q, k, v = (part(qkv, 3, h, j) for j in range(3))
+        if ekv is not None:
+            e = np.asarray(ekv, np.float64)
+            k, v = np.concatenate([part(e, 2, h, 0), k], 1), np.concatenate([part(e, 2, h, 1), v], 1)
+        logits = np.einsum("btc,bsc->bts", q, k) / np.sqrt(ch)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        outs.append(np.einsum("bts,bsc->btc", w / w.sum(-1, keepdims=True), v))
+    return np.concatenate(outs, -1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("with_text", [False, True])
+def test_qkv_attention_matches_openai_layout(form, legacy, with_text):
+    kq, ke = jax.random.split(jax.random.key(8))
+    qkv = jax.random.normal(kq, (2, 12, 3 * 32))  # [B, T, 3C], 4 heads of 8 channels
+    ekv = jax.random.normal(ke, (2, 5, 2 * 32)) if with_text else None  # [B, L, 2C]
+    got = layers.qkv_attention(qkv, 4, legacy, ekv, kernels=form)
+    _close(got, _np_qkv_attention(qkv, ekv, 4, legacy), 2e-6)
+
+
+def _agreement_case(case, key):
+    """(fn(*args, form), args) for one kernel on random inputs."""
+    ks = jax.random.split(key, 2)
+    if case == "group_norm":
+        x = 2 * jax.random.normal(ks[0], (2, 6, 6, 64)) + 1
+        args = (x, 1 + jax.random.normal(ks[1], (64,)), jax.random.normal(ks[1], (64,)) - 1)
+        return lambda x, s, b, form: kernels.group_norm(x, s, b, 32, 1e-5, kernels=form), args
+    if case == "upsample":
+        args = (jax.random.normal(ks[0], (2, 5, 4, 16)), 0.2 * jax.random.normal(ks[1], (3, 3, 16, 8)))
+        return lambda x, w, form: kernels.upsample_conv3x3(x, w, kernels=form), args
+    legacy = case.endswith("legacy")
+    qkv = 2 * jax.random.normal(ks[0], (2, 16, 3 * 32))
+    if "encoder_kv" in case:
+        args = (qkv, 2 * jax.random.normal(ks[1], (2, 6, 2 * 32)))
+        return lambda qkv, ekv, form: layers.qkv_attention(qkv, 4, legacy, ekv, kernels=form), args
+    return lambda qkv, form: layers.qkv_attention(qkv, 4, legacy, kernels=form), (qkv,)
+
+
+@pytest.mark.parametrize("case", ["group_norm", "upsample", "attention_legacy", "attention_new",
+                                  "attention_encoder_kv_legacy", "attention_encoder_kv_new"])
+def test_cpu_and_xla_agree(case):
+    """The two forms give the same values and gradients (the same parameters serve both)."""
+    fn, args = _agreement_case(case, jax.random.key(9))
+    argnums = tuple(range(len(args)))
+    outs = {f: jax.jit(lambda *a, f=f: fn(*a, f))(*args) for f in FORMS}
+    _close(outs["cpu"], outs["xla"], 2e-6)
+    ct = jax.random.normal(jax.random.key(10), outs["cpu"].shape)
+    grads = {f: jax.jit(jax.grad(lambda *a, f=f: jnp.sum(fn(*a, f) * ct), argnums=argnums))(*args) for f in FORMS}
+    _close(grads["cpu"], grads["xla"], 1e-5)
+
+
+def test_resolve_kernels(monkeypatch):
+    assert kernels.resolve_kernels("cpu") == "cpu" and kernels.resolve_kernels("xla") == "xla"
+    assert kernels.resolve_kernels("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    for backend, want in (("cpu", "cpu"), ("gpu", "xla"), ("tpu", "xla")):
+        monkeypatch.setattr(kernels.jax, "default_backend", lambda b=backend: b)
+        assert kernels.resolve_kernels("auto") == want
+    with pytest.raises(ValueError, match=r"\('auto', 'cpu', 'xla'\).*'cuda'"):
+        kernels.resolve_kernels("cuda")

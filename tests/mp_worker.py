@@ -14,10 +14,12 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
+set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from diffusion_jax import parallel  # noqa: E402
+from diffusion_jax.runtime import parallel  # noqa: E402
 
 parallel.initialize_distributed(f"localhost:{port}", nproc, pid)
 
@@ -40,7 +42,7 @@ if mode == "steps":
     with open(out, "w") as f:
         json.dump({"losses": losses, "params": params, "devices": jax.device_count()}, f)
 else:
-    from diffusion_jax import train_lib  # noqa: E402
+    from diffusion_jax.training import loop as train_lib  # noqa: E402
 
     config = train_test._tiny(**{"train.num_steps": 2, "train.checkpoint_every": 2})
     train_lib.train_and_evaluate(config, sys.argv[6])

@@ -12,7 +12,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from diffusion_jax import convert, models, sample_lib
+from diffusion_jax import convert, models
+from diffusion_jax.generation import program as sample_lib
 
 jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
 

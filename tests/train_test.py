@@ -10,7 +10,10 @@ import pytest
 from absl.testing import parameterized
 
 from configs import tiny
-from diffusion_jax import checkpoints, parallel, train_lib, train_steps
+from diffusion_jax.runtime import checkpoints
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import loop as train_lib
+from diffusion_jax.training import steps as train_steps
 
 
 def _tmpdir():

@@ -204,7 +204,7 @@ def format_table(report: dict) -> str:
 def load_model(workdir: str, ema_rate: float | None = None):
     """(module, params, cfg) of a training workdir or a converted OpenAI directory."""
     try:
-        from diffusion_jax import checkpoints
+        from diffusion_jax.runtime import checkpoints
     except ImportError:  # The training side is optional; converted directories need only convert.
         checkpoints = None
     if checkpoints is not None and hasattr(checkpoints, "load_for_inference"):

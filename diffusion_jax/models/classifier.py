@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers, unet
+from diffusion_jax.models.kernels import resolve_kernels
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 
@@ -33,6 +34,7 @@ class AttentionPool2d(nn.Module):
     num_head_channels: int
     output_dim: int
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,7 +54,7 @@ class AttentionPool2d(nn.Module):
         x = x + pos.astype(x.dtype)[None]
         dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
         qkv = nn.Dense(3 * c, name="qkv_proj", **dense)(x)
-        x = layers.qkv_attention(qkv, heads, legacy=False)
+        x = layers.qkv_attention(qkv, heads, legacy=False, kernels=self.kernels)
         x = nn.Dense(self.output_dim, name="c_proj", **dense)(x)
         return x[:, 0]
 
@@ -63,7 +65,7 @@ class EncoderUNet(nn.Module):
     Attributes mirror guided-diffusion's ``EncoderUNetModel`` (same defaults);
     ``attention_resolutions`` are downsample factors. Returns float32 logits
     ``[B, out_channels]`` for x ``[B, image_size, image_size, in_channels]``
-    and ``timesteps`` ``[B]`` (int or float32).
+    and ``timesteps`` ``[B]`` (int or float32). ``kernels`` as in ``unet.UNet``.
     """
 
     image_size: int
@@ -83,11 +85,13 @@ class EncoderUNet(nn.Module):
     use_new_attention_order: bool = False
     pool: str = "adaptive"
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, timesteps, train: bool = False):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        resolve_kernels(self.kernels)
         unet.check_image(x, self.image_size, self.in_channels)
         unet.check_timesteps(timesteps, x.shape[0])
         emb = unet.time_embed(self, timesteps)
@@ -100,10 +104,10 @@ class EncoderUNet(nn.Module):
             if self.pool == "spatial":
                 h = nn.Dense(self.out_channels, name="out_2", **dense)(nn.relu(h))
             else:
-                h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_1")(h))
+                h = nn.silu(layers.GroupNorm32(dtype=self.dtype, kernels=self.kernels, name="out_1")(h))
                 h = nn.Dense(self.out_channels, name="out_3", **dense)(h)
             return h.astype(jnp.float32)
-        h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_0")(h))
+        h = nn.silu(layers.GroupNorm32(dtype=self.dtype, kernels=self.kernels, name="out_0")(h))
         if self.pool == "adaptive":
             h = jnp.mean(h, axis=(1, 2), keepdims=True)
             h = layers.conv(
@@ -112,6 +116,6 @@ class EncoderUNet(nn.Module):
             return h.reshape(h.shape[0], -1).astype(jnp.float32)
         spacial = self.image_size // 2 ** (len(self.channel_mult) - 1)
         h = AttentionPool2d(
-            spacial, self.num_head_channels, self.out_channels, self.dtype, name="out_2"
+            spacial, self.num_head_channels, self.out_channels, self.dtype, self.kernels, name="out_2"
         )(h)
         return h.astype(jnp.float32)

@@ -1,9 +1,10 @@
 """GLIDE's text-conditional U-Nets (Nichol et al. 2021), NHWC Flax port of glide-text2im.
 
-``Text2ImUNet`` is the ADM U-Net (``layers.ResBlock``, BigGAN up/down blocks,
-scale-shift norm) whose attention blocks also attend to the caption: each one
-projects the text encoder's ``xf_out`` with a 1x1 ``encoder_kv`` and PREPENDS
-those keys/values to the image's (softmax over ``text_ctx + H*W``). The
+``Text2ImUNet`` is the ADM U-Net (``unet.unet_trunk``: ``layers.ResBlock``,
+BigGAN up/down blocks, scale-shift norm) whose attention blocks also attend to
+the caption: each ``layers.AttentionBlock`` projects the text encoder's
+``xf_out`` with a 1x1 ``encoder_kv`` and PREPENDS those keys/values to the
+image's (softmax over ``text_ctx + H*W``). The
 caption's ``xf_proj`` is added to the timestep embedding. GLIDE folds the SiLU
 into its GroupNorm; the arithmetic is the ADM block's, and the state-dict
 indices (``in_layers.0/2``, ``out_layers.0/3``, ``out.0/2``) are unchanged.
@@ -29,74 +30,24 @@ To encode a caption batch once per sampling run::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import layers, unet
+from diffusion_jax.models import unet
 from diffusion_jax.models.glide_xf import TextEncoder, TextEncoding
+from diffusion_jax.models.kernels import resolve_kernels
 
 _F32 = jnp.float32
-_ZEROS = nn.initializers.zeros
-
-
-def glide_qkv_attention(qkv: jax.Array, encoder_kv: jax.Array | None, num_heads: int) -> jax.Array:
-    """GLIDE's ``QKVAttention`` with optional encoder keys/values.
-
-    Args:
-      qkv: [B, T, 3C] image projection, legacy per-head layout ``[heads, 3, ch]``.
-      encoder_kv: [B, L, 2C] text projection, layout ``[heads, 2, ch]``, or None.
-      num_heads: heads; ``ch = C // num_heads``.
-
-    Returns:
-      [B, T, C]. Keys/values are ``concat([ek, k])`` along the sequence; logits
-      scaled by 1/sqrt(ch) (q and k by ch^-1/4 each in GLIDE), float32 softmax.
-    """
-    b, t, width = qkv.shape
-    ch = width // (3 * num_heads)
-    qkv = qkv.reshape(b, t, num_heads, 3, ch)
-    q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-    if encoder_kv is not None:
-        ekv = encoder_kv.reshape(b, encoder_kv.shape[1], num_heads, 2, ch)
-        k = jnp.concatenate([ekv[..., 0, :].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([ekv[..., 1, :].astype(v.dtype), v], axis=1)
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
-    return out.reshape(b, t, num_heads * ch)
-
-
-class GlideAttentionBlock(nn.Module):
-    """Spatial self-attention that also attends to the caption (GLIDE ``AttentionBlock``).
-
-    Submodules ``norm``, ``qkv``, ``encoder_kv`` (only when ``encoder_out`` is
-    given, i.e. ``xf_width > 0``) and ``proj_out`` (zero-initialised).
-    Call: ``block(x [B,H,W,C], encoder_out [B,L,W_xf] | None)`` -> ``[B,H,W,C]``.
-    """
-
-    num_heads: int = 1
-    num_head_channels: int = -1
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, encoder_out: jax.Array | None = None) -> jax.Array:
-        b, hh, ww, c = x.shape
-        heads = layers.attention_heads(c, self.num_heads, self.num_head_channels)
-        dense = {"dtype": self.dtype, "param_dtype": _F32}
-        h = layers.GroupNorm32(dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
-        qkv = nn.Dense(3 * c, name="qkv", **dense)(h)
-        ekv = None
-        if encoder_out is not None:
-            ekv = nn.Dense(2 * c, name="encoder_kv", **dense)(encoder_out.astype(self.dtype))
-        h = glide_qkv_attention(qkv, ekv, heads)
-        h = nn.Dense(c, kernel_init=_ZEROS, name="proj_out", **dense)(h)
-        return x + h.reshape(b, hh, ww, c)
 
 
 class _Trunk(nn.Module):
-    """Time embedding + ADM down/middle/up path with text attention, and ``out``.
+    """Time embedding (+ the caption's ``xf_proj``), then ``unet.unet_trunk`` attending to ``xf_out``.
 
+    GLIDE's blocks are the ADM ones (``layers.ResBlock``; ``layers.AttentionBlock``
+    in the legacy head layout, with ``encoder_kv`` when the model has text).
     Call: ``trunk(h [B,H,W,in], timesteps [B], xf_proj [B,E] | None,
     xf_out [B,L,W] | None, train)`` -> ``[B,H,W,out_channels]`` float32.
     """
@@ -114,77 +65,21 @@ class _Trunk(nn.Module):
     use_scale_shift_norm: bool
     resblock_updown: bool
     dtype: str
-
-    def _res(self, out_channels: int, name: str, up: bool = False, down: bool = False):
-        # static_argnums counts `self` as 0: (x=1, emb=2, train=3).
-        cls = nn.remat(layers.ResBlock, static_argnums=(3,)) if self.use_checkpoint else layers.ResBlock
-        return cls(out_channels=out_channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                   up=up, down=down, dtype=self.dtype, name=name)
-
-    def _attn(self, name: str, num_heads: int):
-        cls = nn.remat(GlideAttentionBlock) if self.use_checkpoint else GlideAttentionBlock
-        return cls(num_heads=num_heads, num_head_channels=self.num_head_channels, dtype=self.dtype, name=name)
+    kernels: str
+    use_new_attention_order: bool = False  # GLIDE's QKVAttention reads qkv as [heads, 3, ch]
 
     @nn.compact
     def __call__(self, x, timesteps, xf_proj, xf_out, train: bool = False):
         emb = unet.time_embed(self, timesteps)
         if xf_proj is not None:
             emb = emb + xf_proj.astype(_F32)
-        mult = tuple(self.channel_mult)
-        ch = int(mult[0] * self.model_channels)
-        h = layers.conv(ch, self.dtype, name="input_blocks_0_0")(x.astype(self.dtype))
-        hs, idx, ds = [h], 1, 1
-        for level, mu in enumerate(mult):
-            for _ in range(self.num_res_blocks):
-                ch = int(mu * self.model_channels)
-                h = self._res(ch, f"input_blocks_{idx}_0")(h, emb, train)
-                if ds in self.attention_resolutions:
-                    h = self._attn(f"input_blocks_{idx}_1", self.num_heads)(h, xf_out)
-                hs.append(h)
-                idx += 1
-            if level != len(mult) - 1:
-                name = f"input_blocks_{idx}_0"
-                if self.resblock_updown:
-                    h = self._res(ch, name, down=True)(h, emb, train)
-                else:
-                    h = layers.Downsample(ch, dtype=self.dtype, name=name)(h)
-                hs.append(h)
-                idx, ds = idx + 1, ds * 2
-        h = self._res(ch, "middle_block_0")(h, emb, train)
-        h = self._attn("middle_block_1", self.num_heads)(h, xf_out)
-        h = self._res(ch, "middle_block_2")(h, emb, train)
-        h = self._up_path(h, hs, emb, xf_out, ds, train)
-        h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_0")(h))
-        h = layers.conv(self.out_channels, self.dtype, zero=True, name="out_2")(h)
-        return h.astype(_F32)
-
-    def _up_path(self, h, hs, emb, xf_out, ds, train):
-        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
-        idx = 0
-        for level, mu in reversed(list(enumerate(self.channel_mult))):
-            for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, hs.pop()], axis=-1)
-                ch = int(mu * self.model_channels)
-                h = self._res(ch, f"output_blocks_{idx}_0")(h, emb, train)
-                j = 1
-                if ds in self.attention_resolutions:
-                    h = self._attn(f"output_blocks_{idx}_1", heads_up)(h, xf_out)
-                    j = 2
-                if level and i == self.num_res_blocks:
-                    name = f"output_blocks_{idx}_{j}"
-                    if self.resblock_updown:
-                        h = self._res(ch, name, up=True)(h, emb, train)
-                    else:
-                        h = layers.Upsample(ch, dtype=self.dtype, name=name)(h)
-                    ds //= 2
-                idx += 1
-        return h
+        return unet.unet_trunk(self, x, emb, train, encoder_out=xf_out)
 
 
 _TRUNK_FIELDS = (
     "model_channels", "out_channels", "num_res_blocks", "attention_resolutions", "dropout", "channel_mult",
     "use_checkpoint", "num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
-    "resblock_updown", "dtype",
+    "resblock_updown", "dtype", "kernels",
 )
 
 
@@ -194,6 +89,9 @@ class Text2ImUNet(nn.Module):
     Attributes mirror the PyTorch constructor; ``attention_resolutions`` are
     downsample factors, ``in_channels`` the trunk's input width, ``xf_width=0``
     disables the text path. ``dtype`` is the compute dtype; params float32.
+    ``kernels`` ("auto" | "cpu" | "xla", see ``models.kernels``) picks the
+    form of GroupNorm, attention (the U-Net's and the text transformer's) and
+    the upsampling conv; the parameters do not depend on it.
 
     Call args:
       x: [B, H, W, C] NHWC (C = 3 for GLIDE), H = W = image_size.
@@ -230,13 +128,15 @@ class Text2ImUNet(nn.Module):
     xf_padding: bool = True
     n_vocab: int = 50257
     dtype: str = "float32"
+    kernels: str = "auto"
 
     def setup(self):
+        resolve_kernels(self.kernels)  # an unknown value fails here, before any layer
         if self.xf_width:
             self.text_encoder = TextEncoder(
                 text_ctx=self.text_ctx, xf_width=self.xf_width, xf_layers=self.xf_layers, xf_heads=self.xf_heads,
                 proj_dim=4 * self.model_channels, xf_final_ln=self.xf_final_ln, xf_padding=self.xf_padding,
-                n_vocab=self.n_vocab, use_checkpoint=self.use_checkpoint, dtype=self.dtype,
+                n_vocab=self.n_vocab, use_checkpoint=self.use_checkpoint, dtype=self.dtype, kernels=self.kernels,
             )
             nn.share_scope(self, self.text_encoder)
         self.trunk = _Trunk(**{f: getattr(self, f) for f in _TRUNK_FIELDS})

@@ -20,12 +20,13 @@ softmax in float32, ``xf_proj`` returned as float32.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from diffusion_jax.models.layers import qkv_attention
 
 _F32 = jnp.float32
 
@@ -60,37 +61,25 @@ class LayerNorm32(nn.Module):
         return y.astype(self.dtype)
 
 
-def xf_qkv_attention(qkv: jax.Array, heads: int) -> jax.Array:
-    """GLIDE's ``QKVMultiheadAttention``: per-head split of a fused projection.
-
-    Args:
-      qkv: [B, L, 3W]; viewed as [B, L, heads, 3 * W / heads] and split into
-        q, k, v *within* each head.
-      heads: number of heads.
-
-    Returns:
-      [B, L, W]; logits scaled by 1/sqrt(W / heads), softmax in float32, no mask.
-    """
-    b, n, width = qkv.shape
-    ch = width // (3 * heads)
-    qkv = qkv.reshape(b, n, heads, 3 * ch)
-    q, k, v = qkv[..., :ch], qkv[..., ch : 2 * ch], qkv[..., 2 * ch :]
-    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch))
-    return out.reshape(b, n, heads * ch)
-
-
 class _Attention(nn.Module):
-    """GLIDE ``MultiheadAttention``: ``c_qkv`` -> per-head attention -> ``c_proj``."""
+    """GLIDE ``MultiheadAttention``: ``c_qkv`` -> per-head attention -> ``c_proj``.
+
+    GLIDE's ``QKVMultiheadAttention`` views the [B, L, 3W] projection as
+    ``[heads, 3 * ch]`` and splits q, k, v within each head: the legacy layout
+    of ``layers.qkv_attention`` (no mask: padding slots are attended to).
+    """
 
     heads: int
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         w = x.shape[-1]
         dense = {"dtype": self.dtype, "param_dtype": _F32}
         qkv = nn.Dense(3 * w, name="c_qkv", **dense)(x)
-        return nn.Dense(w, name="c_proj", **dense)(xf_qkv_attention(qkv, self.heads))
+        h = qkv_attention(qkv, self.heads, legacy=True, kernels=self.kernels)
+        return nn.Dense(w, name="c_proj", **dense)(h)
 
 
 class _MLP(nn.Module):
@@ -115,10 +104,12 @@ class ResidualAttentionBlock(nn.Module):
 
     heads: int
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + _Attention(self.heads, self.dtype, name="attn")(LayerNorm32(dtype=self.dtype, name="ln_1")(x))
+        attn = _Attention(self.heads, self.dtype, self.kernels, name="attn")
+        x = x + attn(LayerNorm32(dtype=self.dtype, name="ln_1")(x))
         return x + _MLP(self.dtype, name="mlp")(LayerNorm32(dtype=self.dtype, name="ln_2")(x))
 
 
@@ -129,12 +120,13 @@ class Transformer(nn.Module):
     heads: int
     use_checkpoint: bool = False
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cls = nn.remat(ResidualAttentionBlock) if self.use_checkpoint else ResidualAttentionBlock
         for i in range(self.layers):
-            x = cls(self.heads, self.dtype, name=f"resblocks_{i}")(x)
+            x = cls(self.heads, self.dtype, self.kernels, name=f"resblocks_{i}")(x)
         return x
 
 
@@ -164,6 +156,7 @@ class TextEncoder(nn.Module):
     n_vocab: int = 50257
     use_checkpoint: bool = False
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> TextEncoding:
@@ -186,7 +179,8 @@ class TextEncoder(nn.Module):
             pad = self.param("padding_embedding", normal(0.01), (self.text_ctx, w), _F32)
             # Replace (not add): the ids at padding positions do not matter.
             xf_in = jnp.where(mask.astype(bool)[..., None], xf_in, pad[None])
-        xf_out = Transformer(self.xf_layers, self.xf_heads, self.use_checkpoint, self.dtype, name="transformer")(
+        xf_out = Transformer(self.xf_layers, self.xf_heads, self.use_checkpoint, self.dtype, self.kernels,
+                             name="transformer")(
             xf_in.astype(self.dtype)
         )
         if self.xf_final_ln:

@@ -1,27 +1,47 @@
-"""The U-Net's hot spots, written the way XLA compiles them fastest.
+"""The U-Net's hot spots in two forms, one per backend: ``kernels="cpu" | "xla"``.
 
-Each function computes what its textbook form computes (the tests compare
-both, values and gradients, to float32 rounding); only the arrangement differs:
+Every network (``UNet``, ``SuperResUNet``, ``EncoderUNet``, GLIDE's) has a
+field ``kernels: str = "auto"``; ``resolve_kernels`` turns it into ``"cpu"``
+(on the CPU backend) or ``"xla"`` (anything else) at trace time. Both forms
+compute the same function with the same parameters, so
+``module.clone(kernels="xla")`` runs a checkpoint trained with the other.
 
-- ``group_norm``: sums every channel over the spatial axes first (a
+``"cpu"``: hand-written for XLA:CPU, each kept only after a paired A/B on
+this machine (figures: ``bench/model.py``, ``bench/train.py``):
+
+- ``group_norm_cpu``: sums every channel over the spatial axes first (a
   contiguous reduction), then averages each group with a small [C, C] dot,
-  so the [B, C] statistics are materialised instead of being recomputed
-  per element inside the normalising loop; a hand-written backward takes
-  two reductions and one elementwise pass. Reducing the ``[B, HW, G, C/G]``
-  view in one go is ~5x slower on XLA:CPU.
-- ``attention``: softmax(q k^T / sqrt(ch)) v with heads moved ahead of the
-  sequence once, so every einsum is a plain batched GEMM; the forward
-  normalises the [T, ch] output rather than the [T, S] weights, and a
-  hand-written backward reuses the saved exponentials (a block's gradient
-  33 -> 18 ms against autodiff's).
-- ``upsample_conv3x3``: a 3x3 conv of a nearest-neighbour 2x upsampled
-  image as four 2x2 convs of the small image, one per output phase (16
-  taps per input pixel instead of 36), interleaved.
+  so the [B, C] statistics are materialised instead of being recomputed per
+  element inside the normalising loop; a hand-written backward takes two
+  reductions and one elementwise pass. Reducing the ``[B, HW, G, C/G]`` view
+  in one go is ~5x slower on XLA:CPU.
+- ``attention_cpu``: heads moved ahead of the sequence once, so every einsum
+  is a plain batched GEMM; the forward normalises the [T, ch] output rather
+  than the [T, S] weights, and a hand-written backward reuses the saved
+  exponentials (a block's gradient 33 -> 18 ms against autodiff's). It keeps
+  the [T, S] weights: O(T*S) memory.
+- ``upsample_conv3x3_cpu``: a 3x3 conv of a nearest-neighbour 2x upsampled
+  image as four 2x2 convs of the small image, one per output phase (16 taps
+  per input pixel instead of 36), interleaved.
 
-Convolutions and matmuls are XLA's own: ``diffusion_jax/__init__.py`` routes
-them to XLA:CPU's Eigen kernels, which beat its YNNPACK ones here.
+``"xla"``: the textbook forms, which the TPU and GPU compilers fuse well on
+their own and which reach the vendors' fused kernels:
 
-Figures: ``bench/model.py`` and ``bench/train.py``.
+- ``group_norm_xla``: mean and variance of the ``[B, N, G, C/G]`` view in
+  float32 (two passes, as torch), autodiff backward; one fusion per pass.
+- ``attention_xla``: ``jax.nn.dot_product_attention`` on [B, T, heads, ch]
+  with ``implementation=None``: float32 logits and softmax, weights cast
+  to the value dtype before the second matmul (OpenAI's fp16 semantics).
+  JAX's None lets it pick cuDNN flash attention (O(T) memory) where it
+  supports the call; JAX 0.10 always picks its XLA form, which TPU and GPU
+  compilers fuse.
+- ``upsample_conv3x3_xla``: the plain 3x3 conv of the nearest-upsampled
+  image (a broadcast the conv emitter reads through).
+
+Both attention forms scale the float32 logits by 1/sqrt(ch); OpenAI scales q
+and k by ch^-1/4 each before the matmul (for fp16 range), the same product
+up to rounding. Convolutions and matmuls are XLA's own in both settings;
+``diffusion_jax.runtime.xla_flags`` routes them to XLA:CPU's Eigen kernels.
 """
 
 from __future__ import annotations
@@ -32,6 +52,24 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+KERNELS = ("auto", "cpu", "xla")
+
+
+def resolve_kernels(kernels: str) -> str:
+    """A module's ``kernels`` field -> ``"cpu"`` or ``"xla"``.
+
+    ``"auto"`` is ``"cpu"`` on JAX's CPU backend and ``"xla"`` on any other
+    (TPU, GPU), read when the module is traced.
+
+    Raises:
+      ValueError: for anything but ``"auto"``, ``"cpu"``, ``"xla"``.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return kernels
 
 
 def _group_mean(sums: jax.Array, num_groups: int, n: int) -> jax.Array:
@@ -60,13 +98,9 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-               epsilon: float) -> jax.Array:
-    """GroupNorm over every axis but the first (batch) and the last (channels, grouped).
-
-    Two-pass statistics as torch forms them: the group mean, then
-    E[(x - mean)^2]. ``x`` [B, ..., C] float32; ``scale``/``bias`` [C].
-    """
+def group_norm_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                   epsilon: float) -> jax.Array:
+    """``group_norm``'s XLA:CPU form: per-channel sums, group means by a [C, C] dot, custom VJP."""
     return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
@@ -91,7 +125,38 @@ def _group_norm_bwd(num_groups, epsilon, res, g):
     return dx.reshape(x.shape), dscale, dbias
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+group_norm_cpu.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm_xla(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                   epsilon: float) -> jax.Array:
+    """``group_norm``'s textbook form: mean and variance of the [B, N, G, C/G] view, autodiff."""
+    b, c = x.shape[0], x.shape[-1]
+    g = x.reshape(b, -1, num_groups, c // num_groups)
+    mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+    return ((g - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape) * scale + bias
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float, *,
+               kernels: str = "auto") -> jax.Array:
+    """GroupNorm (Wu & He 2018) over every axis but the first (batch) and the last (channels, grouped).
+
+    ``y = (x - mean_g) / sqrt(var_g + epsilon) * scale + bias`` with two-pass
+    statistics as torch forms them: the group mean, then E[(x - mean)^2].
+
+    Args:
+      x: [B, ..., C] float32.
+      scale, bias: [C].
+      num_groups: G, dividing C.
+      epsilon: added to the variance.
+      kernels: "cpu" | "xla" | "auto" (see the module docstring).
+
+    Returns:
+      [B, ..., C] float32.
+    """
+    fn = group_norm_cpu if resolve_kernels(kernels) == "cpu" else group_norm_xla
+    return fn(x, scale, bias, num_groups, epsilon)
 
 
 def _unnormalised(q: jax.Array, k: jax.Array):
@@ -131,13 +196,32 @@ def _attention_bwd(res, g):
 _attention_heads.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(ch)) v for q, k, v [B, T, heads, ch]; logits and softmax in float32.
-
-    Returns [B, T, heads, ch] in ``v``'s dtype.
-    """
+def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``attention``'s XLA:CPU form: head-major GEMMs, output normalised, custom VJP."""
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, heads, T, ch]
     return jnp.swapaxes(_attention_heads(q, k, v), 1, 2)
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``attention``'s textbook form: ``jax.nn.dot_product_attention`` (float32 logits and softmax)."""
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=None)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernels: str = "auto") -> jax.Array:
+    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1), all heads at once.
+
+    ``softmax(q k^T / sqrt(ch)) v`` per head, logits and softmax in float32.
+
+    Args:
+      q: [B, T, heads, ch] queries.
+      k, v: [B, S, heads, ch] keys and values (same dtype as ``q``).
+      kernels: "cpu" | "xla" | "auto" (see the module docstring).
+
+    Returns:
+      [B, T, heads, ch] in ``v``'s dtype.
+    """
+    fn = attention_cpu if resolve_kernels(kernels) == "cpu" else attention_xla
+    return fn(q, k, v)
 
 
 # Rows (or columns) of a 3x3 kernel that see each input row after 2x nearest upsampling:
@@ -147,12 +231,41 @@ _PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.floa
 _PHASE_PAD = ((1, 0), (0, 1))
 
 
-def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """conv3x3(nearest_upsample_2x(x)) with PyTorch's padding 1, without the upsampled image.
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour (torch ``F.interpolate(mode="nearest")``)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
-    x [B, H, W, Cin], kernel [3, 3, Cin, Cout] (HWIO) -> [B, 2H, 2W, Cout], no bias.
-    The same sum as the textbook form up to float rounding: the kernel taps that
-    see the same input pixel are added first.
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def upsample_conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``upsample_conv3x3``'s textbook form: the 3x3 conv of the upsampled image."""
+    return _conv3x3(upsample_nearest(x), kernel)
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, *, kernels: str = "auto") -> jax.Array:
+    """conv3x3(nearest_upsample_2x(x)) with PyTorch's padding 1 (OpenAI ``Upsample(use_conv=True)``).
+
+    Args:
+      x: [B, H, W, Cin].
+      kernel: [3, 3, Cin, Cout] (HWIO), in x's dtype.
+      kernels: "cpu" | "xla" | "auto" (see the module docstring).
+
+    Returns:
+      [B, 2H, 2W, Cout], no bias.
+    """
+    fn = upsample_conv3x3_cpu if resolve_kernels(kernels) == "cpu" else upsample_conv3x3_xla
+    return fn(x, kernel)
+
+
+def upsample_conv3x3_cpu(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``upsample_conv3x3`` without the upsampled image: four 2x2 phase convs of ``x``, interleaved.
+
+    The same sum as the textbook form up to float rounding: the kernel taps
+    that see the same input pixel are added first.
     """
     b, h, w, _ = x.shape
     taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)

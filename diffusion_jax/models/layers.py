@@ -10,6 +10,10 @@ layers, ``scale``/``bias`` for GroupNorm, ``embedding`` for embeddings), so
 Dtype policy: parameters are float32; convolutions and the attention matmuls
 run in the compute ``dtype``; GroupNorm statistics, the softmax, the timestep
 embedding and its MLP stay float32 (as OpenAI's fp16 mode keeps them).
+
+Modules that hold a GroupNorm, an attention or an upsampling conv take
+``kernels`` ("auto" | "cpu" | "xla", see ``kernels``): the same parameters,
+computed by the form that compiles best on the backend.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.kernels import attention, group_norm, upsample_conv3x3
+from diffusion_jax.models.kernels import attention, group_norm, upsample_conv3x3, upsample_nearest
 
 _ZEROS = nn.initializers.zeros
 
@@ -66,6 +70,7 @@ class GroupNorm32(nn.Module):
     num_groups: int = 32
     epsilon: float = 1e-5
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,7 +81,7 @@ class GroupNorm32(nn.Module):
             )
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        y = group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
+        y = group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon, kernels=self.kernels)
         return y.astype(self.dtype)
 
 
@@ -103,11 +108,6 @@ def conv(
     )
 
 
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, 2H, 2W, C], nearest neighbour (F.interpolate 'nearest')."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 def avg_pool2(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, H/2, W/2, C], 2x2 average pool with stride 2."""
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -119,11 +119,12 @@ class Upsample(nn.Module):
     out_channels: int
     use_conv: bool = True
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
-            return UpsampleConv(self.out_channels, self.dtype, name="conv")(x)
+            return UpsampleConv(self.out_channels, self.dtype, self.kernels, name="conv")(x)
         return upsample_nearest(x)
 
 
@@ -131,12 +132,13 @@ class UpsampleConv(nn.Module):
     """``conv(features, 3x3)(upsample_nearest(x))`` without forming the upsampled image.
 
     Same ``kernel``/``bias`` params and init as ``conv``'s nn.Conv (so the
-    same checkpoints load); computed by ``kernels.upsample_conv3x3``, 2.25x
-    fewer multiply-adds.
+    same checkpoints load); computed by ``kernels.upsample_conv3x3`` (its
+    "cpu" form does 2.25x fewer multiply-adds).
     """
 
     features: int
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +146,7 @@ class UpsampleConv(nn.Module):
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-        return upsample_conv3x3(x, kernel) + bias
+        return upsample_conv3x3(x, kernel, kernels=self.kernels) + bias
 
 
 class Downsample(nn.Module):
@@ -199,11 +201,12 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         oc = self.out_channels
-        h = nn.silu(GroupNorm32(dtype=self.dtype, name="in_layers_0")(x))
+        h = nn.silu(GroupNorm32(dtype=self.dtype, kernels=self.kernels, name="in_layers_0")(x))
         if self.up:
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
@@ -213,7 +216,7 @@ class ResBlock(nn.Module):
         chunks = ChunkedDense(2 * oc if self.use_scale_shift_norm else oc,
                               chunks=2 if self.use_scale_shift_norm else 1, name="emb_layers_1")(nn.silu(emb))
         chunks = [e.astype(self.dtype)[:, None, None, :] for e in chunks]
-        norm = GroupNorm32(dtype=self.dtype, name="out_layers_0")
+        norm = GroupNorm32(dtype=self.dtype, kernels=self.kernels, name="out_layers_0")
         if self.use_scale_shift_norm:
             scale, shift = chunks
             h = norm(h) * (1 + scale) + shift
@@ -241,16 +244,37 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
     return num_heads
 
 
-def qkv_attention(qkv: jax.Array, num_heads: int, legacy: bool) -> jax.Array:
-    """Multi-head self-attention over a fused qkv projection.
+def _split_heads(proj: jax.Array, num_heads: int, parts: int, legacy: bool) -> list[jax.Array]:
+    """[B, T, parts * heads * ch] -> ``parts`` arrays [B, T, heads, ch] (legacy: ``[heads, parts, ch]``)."""
+    b, t, width = proj.shape
+    ch = width // (parts * num_heads)
+    if legacy:
+        proj = proj.reshape(b, t, num_heads, parts, ch)
+        return [proj[..., i, :] for i in range(parts)]
+    proj = proj.reshape(b, t, parts, num_heads, ch)
+    return [proj[:, :, i] for i in range(parts)]
+
+
+def qkv_attention(qkv: jax.Array, num_heads: int, legacy: bool, encoder_kv: jax.Array | None = None, *,
+                  kernels: str = "auto") -> jax.Array:
+    """Multi-head self-attention over a fused qkv projection, optionally also over encoder keys/values.
+
+    One function for OpenAI's ``QKVAttentionLegacy`` / ``QKVAttention``
+    (improved- and guided-diffusion, ``AttentionPool2d``), GLIDE's
+    ``QKVAttention`` with the caption's ``encoder_kv`` and GLIDE's text
+    transformer (its ``[heads, 3 * ch]`` split is the legacy layout).
 
     Args:
       qkv: [B, T, 3C], the output of the 1x1 ``qkv`` projection.
-      num_heads: heads; each has ``C // num_heads`` channels.
+      num_heads: heads; each has ``ch = C // num_heads`` channels.
       legacy: channel layout of ``qkv``. True (improved-diffusion, guided
         ``QKVAttentionLegacy``, GLIDE): ``[heads, 3, ch]`` - heads first, then
         q/k/v within each head. False (guided ``QKVAttention``, also
         ``AttentionPool2d``): ``[3, heads, ch]``.
+      encoder_kv: [B, L, 2C] or None: extra keys/values (GLIDE's projected
+        caption), layout ``[heads, 2, ch]`` (legacy) or ``[2, heads, ch]``,
+        PREPENDED to the image's, so the softmax runs over ``L + T`` positions.
+      kernels: "cpu" | "xla" | "auto" (``kernels.attention``).
 
     Returns:
       [B, T, C] with channel layout ``[heads, ch]``. The logits are scaled by
@@ -258,41 +282,42 @@ def qkv_attention(qkv: jax.Array, num_heads: int, legacy: bool) -> jax.Array:
       softmax runs in float32.
     """
     b, t, width = qkv.shape
-    ch = width // (3 * num_heads)
-    if legacy:
-        qkv = qkv.reshape(b, t, num_heads, 3, ch)
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-    else:
-        qkv = qkv.reshape(b, t, 3, num_heads, ch)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = attention(q, k, v)
-    return out.reshape(b, t, num_heads * ch)
+    q, k, v = _split_heads(qkv, num_heads, 3, legacy)
+    if encoder_kv is not None:
+        ek, ev = _split_heads(encoder_kv, num_heads, 2, legacy)
+        k = jnp.concatenate([ek.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([ev.astype(v.dtype), v], axis=1)
+    out = attention(q, k, v, kernels=kernels)
+    return out.reshape(b, t, width // 3)
 
 
 class AttentionBlock(nn.Module):
-    """Spatial self-attention with a residual connection (OpenAI ``AttentionBlock``).
+    """Spatial self-attention with a residual connection (OpenAI ``AttentionBlock``, also GLIDE's).
 
     Submodules ``norm`` (GroupNorm32), ``qkv`` and ``proj_out`` (1x1 conv1d in
-    PyTorch, Dense here). Call: ``block(x [B,H,W,C])`` -> ``[B,H,W,C]``.
+    PyTorch, Dense here; ``proj_out`` zero-initialised), and ``encoder_kv``
+    when ``encoder_out`` is given: GLIDE projects the text encoder's output to
+    keys/values that every head also attends to (``qkv_attention``).
+
+    Call: ``block(x [B,H,W,C], encoder_out [B,L,W_xf] | None = None)`` -> ``[B,H,W,C]``.
     """
 
     num_heads: int = 1
     num_head_channels: int = -1
     use_new_attention_order: bool = False
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, encoder_out: jax.Array | None = None) -> jax.Array:
         b, hh, ww, c = x.shape
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
-        h = GroupNorm32(dtype=self.dtype, name="norm")(x).reshape(b, hh * ww, c)
-        qkv = nn.Dense(3 * c, dtype=self.dtype, param_dtype=jnp.float32, name="qkv")(h)
-        h = qkv_attention(qkv, heads, legacy=not self.use_new_attention_order)
-        h = nn.Dense(
-            c,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=_ZEROS,
-            name="proj_out",
-        )(h)
+        dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
+        h = GroupNorm32(dtype=self.dtype, kernels=self.kernels, name="norm")(x).reshape(b, hh * ww, c)
+        qkv = nn.Dense(3 * c, name="qkv", **dense)(h)
+        ekv = None
+        if encoder_out is not None:
+            ekv = nn.Dense(2 * c, name="encoder_kv", **dense)(encoder_out.astype(self.dtype))
+        h = qkv_attention(qkv, heads, not self.use_new_attention_order, ekv, kernels=self.kernels)
+        h = nn.Dense(c, kernel_init=_ZEROS, name="proj_out", **dense)(h)
         return x + h.reshape(b, hh, ww, c)

@@ -15,6 +15,11 @@ an index becomes "_"; see ``layers``)::
 
 so ``input_blocks.1.0.in_layers.2.weight`` lives at
 ``params["input_blocks_1_0"]["in_layers_2"]["kernel"]``.
+
+``down_path``, ``up_path`` and ``unet_trunk`` are the one U-Net trunk: the
+ADM networks, the classifier (down path only) and GLIDE's text U-Nets (which
+pass the caption as ``encoder_out`` to every attention block) all call them
+from their own compact ``__call__``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
+from diffusion_jax.models.kernels import resolve_kernels
 
 
 def _res_cls(m):
@@ -42,6 +48,7 @@ def _attn(m, name: str, num_heads: int) -> nn.Module:
         num_head_channels=m.num_head_channels,
         use_new_attention_order=m.use_new_attention_order,
         dtype=m.dtype,
+        kernels=m.kernels,
         name=name,
     )
 
@@ -56,6 +63,7 @@ def _res(
         up=up,
         down=down,
         dtype=m.dtype,
+        kernels=m.kernels,
         name=name,
     )
 
@@ -69,12 +77,14 @@ def time_embed(m, timesteps: jax.Array) -> jax.Array:
     return nn.Dense(dim, name="time_embed_2", **dense)(nn.silu(emb))
 
 
-def down_path(m, x: jax.Array, emb: jax.Array, train: bool):
-    """Input blocks and middle block, shared by ``UNet`` and ``EncoderUNet``.
+def down_path(m, x: jax.Array, emb: jax.Array, train: bool, encoder_out: jax.Array | None = None):
+    """Input blocks and middle block, shared by ``UNet``, ``EncoderUNet`` and GLIDE's U-Nets.
 
     Called from inside the owner's compact ``__call__`` (submodules attach to
-    ``m``). Returns ``(h, hs)``: the middle-block output and the list of every
-    input block's output (the U-Net's skip connections).
+    ``m``, whose fields are ``UNet``'s). ``x`` [B, H, W, C_in], ``emb`` [B, E]
+    float32, ``encoder_out`` [B, L, W_xf] or None (GLIDE's caption, attended
+    to by every attention block). Returns ``(h, hs)``: the middle-block
+    output and the list of every input block's output (the skip connections).
     """
     mult = tuple(m.channel_mult)
     ch = int(mult[0] * m.model_channels)
@@ -85,7 +95,7 @@ def down_path(m, x: jax.Array, emb: jax.Array, train: bool):
             ch = int(mu * m.model_channels)
             h = _res(m, ch, f"input_blocks_{idx}_0")(h, emb, train)
             if ds in m.attention_resolutions:
-                h = _attn(m, f"input_blocks_{idx}_1", m.num_heads)(h)
+                h = _attn(m, f"input_blocks_{idx}_1", m.num_heads)(h, encoder_out)
             hs.append(h)
             idx += 1
         if level != len(mult) - 1:
@@ -98,9 +108,49 @@ def down_path(m, x: jax.Array, emb: jax.Array, train: bool):
             idx += 1
             ds *= 2
     h = _res(m, ch, "middle_block_0")(h, emb, train)
-    h = _attn(m, "middle_block_1", m.num_heads)(h)
+    h = _attn(m, "middle_block_1", m.num_heads)(h, encoder_out)
     h = _res(m, ch, "middle_block_2")(h, emb, train)
     return h, hs
+
+
+def up_path(m, h: jax.Array, hs: list, emb: jax.Array, train: bool, encoder_out: jax.Array | None = None):
+    """Output blocks: ``down_path``'s mirror, each block first concatenating a skip connection.
+
+    ``h`` the middle-block output, ``hs`` the skip connections (consumed);
+    other arguments as in ``down_path``. Returns [B, H, W, channel_mult[0] * model_channels].
+    """
+    heads_up = m.num_heads if m.num_heads_upsample == -1 else m.num_heads_upsample
+    ds, idx = 2 ** (len(m.channel_mult) - 1), 0
+    for level, mu in reversed(list(enumerate(m.channel_mult))):
+        for i in range(m.num_res_blocks + 1):
+            h = jnp.concatenate([h, hs.pop()], axis=-1)
+            ch = int(mu * m.model_channels)
+            h = _res(m, ch, f"output_blocks_{idx}_0")(h, emb, train)
+            j = 1
+            if ds in m.attention_resolutions:
+                h = _attn(m, f"output_blocks_{idx}_1", heads_up)(h, encoder_out)
+                j = 2
+            if level and i == m.num_res_blocks:
+                name = f"output_blocks_{idx}_{j}"
+                if m.resblock_updown:
+                    h = _res(m, ch, name, up=True)(h, emb, train)
+                else:
+                    h = layers.Upsample(ch, dtype=m.dtype, kernels=m.kernels, name=name)(h)
+                ds //= 2
+            idx += 1
+    return h
+
+
+def unet_trunk(m, x: jax.Array, emb: jax.Array, train: bool, encoder_out: jax.Array | None = None) -> jax.Array:
+    """The whole U-Net after the embeddings: ``down_path``, ``up_path``, then ``out`` (norm, SiLU, conv).
+
+    Args as in ``down_path``. Returns [B, H, W, out_channels] float32.
+    """
+    h, hs = down_path(m, x, emb, train, encoder_out)
+    h = up_path(m, h, hs, emb, train, encoder_out)
+    h = nn.silu(layers.GroupNorm32(dtype=m.dtype, kernels=m.kernels, name="out_0")(h))
+    h = layers.conv(m.out_channels, m.dtype, zero=True, name="out_2")(h)
+    return h.astype(jnp.float32)
 
 
 def check_image(
@@ -130,6 +180,9 @@ class UNet(nn.Module):
     ``null_label`` adds one embedding row, index ``num_classes``, as the
     classifier-free-guidance "no label" class. ``dtype`` is the compute dtype
     ("float32" | "bfloat16"); params are float32, the output is float32.
+    ``kernels`` ("auto" | "cpu" | "xla") picks how GroupNorm, attention and
+    the upsampling conv are computed (``models.kernels``); the parameters are
+    the same, so ``module.clone(kernels="xla")`` runs the same checkpoint.
 
     Call args:
       x: [B, H, W, in_channels] with H = W = image_size.
@@ -159,6 +212,7 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     dtype: str = "float32"
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, timesteps, y=None, train: bool = False):
@@ -166,6 +220,7 @@ class UNet(nn.Module):
         return self._forward(x, timesteps, y, train)
 
     def _forward(self, x, timesteps, y, train):
+        resolve_kernels(self.kernels)  # an unknown value fails here, before any layer
         check_timesteps(timesteps, x.shape[0])
         emb = time_embed(self, timesteps)
         if self.num_classes is not None:
@@ -185,35 +240,7 @@ class UNet(nn.Module):
             raise ValueError(
                 "y was given but the model is unconditional (num_classes is None)"
             )
-        h, hs = down_path(self, x, emb, train)
-        h = self._up_path(h, hs, emb, train)
-        h = nn.silu(layers.GroupNorm32(dtype=self.dtype, name="out_0")(h))
-        h = layers.conv(self.out_channels, self.dtype, zero=True, name="out_2")(h)
-        return h.astype(jnp.float32)
-
-    def _up_path(self, h, hs, emb, train):
-        heads_up = (
-            self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
-        )
-        ds, idx = 2 ** (len(self.channel_mult) - 1), 0
-        for level, mu in reversed(list(enumerate(self.channel_mult))):
-            for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, hs.pop()], axis=-1)
-                ch = int(mu * self.model_channels)
-                h = _res(self, ch, f"output_blocks_{idx}_0")(h, emb, train)
-                j = 1
-                if ds in self.attention_resolutions:
-                    h = _attn(self, f"output_blocks_{idx}_1", heads_up)(h)
-                    j = 2
-                if level and i == self.num_res_blocks:
-                    name = f"output_blocks_{idx}_{j}"
-                    if self.resblock_updown:
-                        h = _res(self, ch, name, up=True)(h, emb, train)
-                    else:
-                        h = layers.Upsample(ch, dtype=self.dtype, name=name)(h)
-                    ds //= 2
-                idx += 1
-        return h
+        return unet_trunk(self, x, emb, train)
 
 
 def bilinear_resize(x: jax.Array, height: int, width: int) -> jax.Array:

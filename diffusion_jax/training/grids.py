@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax import parallel, sampling, schedules
+from diffusion_jax import sampling, schedules
+from diffusion_jax.runtime import parallel
 
 
 def grid_labels(num_classes: int | None, num_per_class: int) -> np.ndarray | None:
@@ -91,7 +92,7 @@ def write_grid(config, workdir: str, mesh, model, state, step: int) -> str | Non
 def write_text_grid(config, workdir: str, mesh, model, state, step: int) -> str | None:
     """GLIDE kinds: `sample.num_per_class` samples for each of `text.grid_prompts`, one row per prompt,
     guided with `sample.cfg_scale` when it is > 0 (EMA params; `samples/step_XXXXXXX.png`)."""
-    from diffusion_jax import text_conditioning as tc
+    from diffusion_jax.runtime import text_conditioning as tc
 
     s, d = config.sample, config.diffusion
     schedule = schedules.make_schedule(d.noise_schedule, d.diffusion_steps, s.timestep_respacing,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax.convert import (
+from diffusion_jax.convert.core import (
     CheckpointError,
     load_state_dict,
     map_state_dict,
@@ -68,7 +68,7 @@ def glide_defaults(kind: str = "glide") -> dict:
 
 
 def _bool(v) -> bool:
-    from diffusion_jax.openai_flags import str2bool
+    from diffusion_jax.convert.openai_flags import str2bool
 
     return str2bool(v)
 

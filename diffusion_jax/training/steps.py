@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from diffusion_jax import gaussian, objectives, parallel
+from diffusion_jax import gaussian, objectives
+from diffusion_jax.runtime import parallel
 from diffusion_jax.schedules import Schedule
 
 

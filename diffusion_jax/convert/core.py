@@ -1,22 +1,6 @@
-"""Import OpenAI's improved-/guided-diffusion checkpoints into Flax, exactly.
+"""ADM (improved-/guided-diffusion) state dicts -> Flax params; converted-directory I/O; the CLI.
 
-Parameter names map one to one (see ``diffusion_jax.models.unet``): the Flax
-path ``("input_blocks_1_0", "in_layers_2", "kernel")`` is the state-dict key
-``input_blocks.1.0.in_layers.2.weight``. Layouts are converted: Conv2d
-``[O, I, kh, kw]`` -> HWIO, Conv1d ``[O, I, 1]`` and Linear ``[O, I]`` -> Dense
-``[I, O]``, ``AttentionPool2d.positional_embedding`` ``[C, HW+1]`` -> ``[HW+1, C]``;
-everything is cast to float32. Loading never executes code.
-
-CLI::
-
-    python -m diffusion_jax.convert --checkpoint 64x64_diffusion.pt --preset 64x64_diffusion --out DIR
-    python -m diffusion_jax.convert --checkpoint model.pt --flags "--image_size 32 ..." --repo improved --out DIR
-    python -m diffusion_jax.convert --checkpoint base.pt --preset base --out DIR        # GLIDE (glide-text2im)
-    python -m diffusion_jax.convert --checkpoint m.pt --flags "--xf_width 512 ..." --repo glide --out DIR
-
-writes ``DIR/config.json`` and ``DIR/params.safetensors``; ``load_converted(DIR)``
-reads them back.
-"""
+See the package docstring (``diffusion_jax.convert``) for the rules and the CLI."""
 
 from __future__ import annotations
 
@@ -33,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import models
-from diffusion_jax.openai_flags import (  # noqa: F401  (re-exported API)
+from diffusion_jax.convert.openai_flags import (  # noqa: F401  (re-exported API)
     PRESETS,
     parse_flag_string,
     parse_openai_flags,
@@ -200,7 +184,7 @@ def example_inputs(kind: str, model: dict) -> tuple:
 def param_shapes(module, kind: str, model: dict) -> dict[tuple, jax.ShapeDtypeStruct]:
     """{flax path: ShapeDtypeStruct} of the module's params, without initialising them."""
     if kind.startswith("glide"):
-        from diffusion_jax import convert_glide
+        from diffusion_jax.convert import glide as convert_glide
 
         return convert_glide.glide_param_shapes(module, kind, model)
     inputs = example_inputs(kind, model)
@@ -293,11 +277,11 @@ def from_openai(checkpoint, flags: dict):
     """
     flags = dict(flags)
     if str(flags.get("kind", "")).startswith("glide") or {"preset", "xf_width", "text_ctx"} & set(flags):
-        from diffusion_jax import convert_glide  # GLIDE kinds use glide-text2im's flag names
+        from diffusion_jax.convert import glide as convert_glide  # GLIDE kinds use glide-text2im's flag names
 
         return convert_glide.from_openai_glide(checkpoint, flags)
     if "repo" not in flags:  # improved-only flags (sigma_small) select improved defaults.
-        from diffusion_jax.openai_flags import defaults
+        from diffusion_jax.convert.openai_flags import defaults
 
         only_improved = set(defaults("improved")) - set(defaults("guided"))
         flags["repo"] = "improved" if only_improved & set(flags) else "guided"
@@ -368,7 +352,7 @@ def load_converted(directory: str):
 
 def _glide_cli(args):
     """(cfg, source) for GLIDE presets ("base", "upsample", ...) and ``--repo glide`` flag strings."""
-    from diffusion_jax import convert_glide
+    from diffusion_jax.convert import glide as convert_glide
 
     if args.preset:
         cfg = convert_glide.resolve_glide_preset(args.preset)
@@ -378,7 +362,7 @@ def _glide_cli(args):
 
 
 def main(argv=None) -> None:
-    from diffusion_jax import convert_glide
+    from diffusion_jax.convert import glide as convert_glide
 
     ap = argparse.ArgumentParser(
         prog="python -m diffusion_jax.convert", description=__doc__.split("\n")[0]

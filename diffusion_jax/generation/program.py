@@ -6,7 +6,7 @@ sample i is a pure function of (seed, i) (see `diffusion_jax.sampling`), so the
 output does not depend on the device count, the host count or the batch size.
 Outputs follow OpenAI's layout: `samples_NxHxWxC.npz` with `arr_0` (uint8 NHWC)
 and `arr_1` (labels, for class-conditional sampling), plus a PNG grid.
-Text (GLIDE) models take `prompts` instead of labels; `diffusion_jax.sample_text`
+Text (GLIDE) models take `prompts` instead of labels; `diffusion_jax.generation.text`
 samples them (caption-guided, optional upsampler stage).
 """
 
@@ -47,7 +47,7 @@ class SampleOptions:
     out: str | None = None  # directory, or a path ending in .npz
     progress: bool = True
     max_grid_images: int = 256
-    # Text (GLIDE) models: see diffusion_jax.sample_text.
+    # Text (GLIDE) models: see diffusion_jax.generation.text.
     prompts: tuple[str, ...] = ()  # cycled over the samples
     tokenizer_dir: str | None = None  # encoder.json + vocab.bpe for converted GLIDE checkpoints
     upsampler_workdir: str | None = None  # a 'glide_upsample' model run on the base samples
@@ -75,11 +75,11 @@ class Plan:
 def load_for_inference(workdir: str, ema_rate: float | None = None):
     """(module, params, cfg) for a training workdir or a converted OpenAI directory.
 
-    Uses `diffusion_jax.checkpoints.load_for_inference` when that module exists;
+    Uses `diffusion_jax.runtime.checkpoints.load_for_inference` when that module exists;
     otherwise reads a converted directory (`convert.load_converted`).
     """
-    if importlib.util.find_spec("diffusion_jax.checkpoints") is not None:
-        from diffusion_jax import checkpoints
+    if importlib.util.find_spec("diffusion_jax.runtime.checkpoints") is not None:
+        from diffusion_jax.runtime import checkpoints
 
         if hasattr(checkpoints, "load_for_inference"):
             return checkpoints.load_for_inference(workdir, ema_rate=ema_rate)
@@ -320,7 +320,7 @@ def run(workdir: str, opts: SampleOptions, log: Callable[[str], None] = print) -
     """Load, validate, sample and (on process 0) write; returns (npz_path, png_path) there."""
     module, params, cfg = load_for_inference(workdir, ema_rate=opts.ema_rate)
     if cfg["kind"].startswith("glide"):
-        from diffusion_jax import sample_text
+        from diffusion_jax.generation import text as sample_text
 
         return sample_text.run_text(module, params, cfg, workdir, opts, log=log)
     if opts.prompts or opts.upsampler_workdir or opts.tokenizer_dir:

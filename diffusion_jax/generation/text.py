@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import sampling, schedules, text
-from diffusion_jax import text_conditioning as tc
+from diffusion_jax.runtime import text_conditioning as tc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def generate_text(module, params, plan: TextPlan, opts, *, stage: int = 0, low_r
     `low_res`: uint8 `[N, h, w, C]` previous-stage images (upsamplers); `stage` picks the key
     (`fold_in(key(seed), stage)`), so the stages draw independent noise.
     """
-    from diffusion_jax import sample_lib
+    from diffusion_jax.generation import program as sample_lib
 
     mesh = sample_lib.make_mesh()
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
@@ -191,7 +191,7 @@ def generate_text(module, params, plan: TextPlan, opts, *, stage: int = 0, low_r
 
 def run_text(module, params, cfg: dict, workdir: str, opts, log: Callable[[str], None] = print):
     """Base stage (+ optional upsampler) for a GLIDE model; writes files on process 0."""
-    from diffusion_jax import sample_lib
+    from diffusion_jax.generation import program as sample_lib
 
     plan = make_text_plan(cfg, opts, load_tokenizer(cfg, opts.tokenizer_dir))
     images = generate_text(module, params, plan, opts, log=log)

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffusion_jax import gaussian, parallel, schedules, train_steps
+from diffusion_jax import gaussian, schedules
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import steps as train_steps
 from diffusion_jax.data import pipeline
 from diffusion_jax.evaluation import nll
 

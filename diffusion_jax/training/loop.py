@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import checkpoints, models, objectives, parallel, schedules, train_steps
-from diffusion_jax import text_conditioning as tc
+from diffusion_jax import models, objectives, schedules
+from diffusion_jax.runtime import checkpoints
+from diffusion_jax.runtime import parallel
+from diffusion_jax.training import steps as train_steps
+from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.data import pipeline
 
 
@@ -368,7 +371,7 @@ class _Hooks:
             self.sample_grid(step, state)
 
     def sample_grid(self, step: int, state) -> None:
-        from diffusion_jax import train_samples
+        from diffusion_jax.training import grids as train_samples
 
         if self.config.kind == "unet":
             train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
@@ -376,7 +379,7 @@ class _Hooks:
             train_samples.write_text_grid(self.config, self.workdir, self.mesh, self.model, state, step)
 
     def evaluate(self, state) -> dict:
-        from diffusion_jax import train_eval
+        from diffusion_jax.training import evaluator as train_eval
 
         if self._eval is None:
             self._eval = train_eval.Evaluator(self.config, self.mesh, self.model)

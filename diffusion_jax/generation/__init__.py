@@ -1,0 +1,1 @@
+"""The sampling program (sample.py): options, validation, sharded generation, output files."""
