@@ -1,11 +1,17 @@
-"""Import OpenAI's improved-/guided-diffusion checkpoints into Flax, exactly.
+"""Import OpenAI's improved-/guided-diffusion, GLIDE and noised-CLIP checkpoints into Flax, exactly.
 
-Parameter names map one to one (see ``diffusion_jax.models.unet``): the Flax
-path ``("input_blocks_1_0", "in_layers_2", "kernel")`` is the state-dict key
-``input_blocks.1.0.in_layers.2.weight``. Layouts are converted: Conv2d
-``[O, I, kh, kw]`` -> HWIO, Conv1d ``[O, I, 1]`` and Linear ``[O, I]`` -> Dense
-``[I, O]``, ``AttentionPool2d.positional_embedding`` ``[C, HW+1]`` -> ``[HW+1, C]``;
-everything is cast to float32. Loading never executes code.
+Layers (each imports only those above it):
+
+* ``state_dict``: reading ``.pt`` (``torch.load(weights_only=True)``) /
+  ``.npz`` / ``.safetensors`` / mappings, torch <-> Flax names and layouts,
+  strict mapping (one ``CheckpointError`` lists every missing, unexpected and
+  mis-shaped key). Loading never executes code.
+* ``openai_flags`` (flag dialects, ``str2bool``/``coerce_flag``), then the
+  families: ``adm`` (U-Net, super-res U-Net, classifier), ``glide``, ``clip``.
+* ``kinds``: the table from ``kind`` to module class, inputs, whether it
+  trains / samples, and its ``Conversion``.
+* ``api``: ``from_openai`` (dispatches through ``kinds``), converted directories;
+  ``cli``: ``python -m diffusion_jax.convert``.
 
 CLI::
 
@@ -18,29 +24,28 @@ writes ``DIR/config.json`` and ``DIR/params.safetensors``; ``load_converted(DIR)
 reads them back.
 """
 
-from diffusion_jax.convert.core import (  # noqa: F401  (the public API)
-    PRESETS,
-    CheckpointError,
+from diffusion_jax.convert.api import (  # noqa: F401  (the public API)
+    convert_state_dict,
+    from_openai,
     load_converted,
-    load_state_dict,
-    main,
     param_shapes,
     params_from_state_dict,
+    save_converted,
+)
+from diffusion_jax.convert.cli import main  # noqa: F401
+from diffusion_jax.convert.openai_flags import (  # noqa: F401
+    PRESETS,
     parse_flag_string,
     parse_openai_flags,
     resolve_flags,
     resolve_preset,
-    save_converted,
+    str2bool,
+)
+from diffusion_jax.convert.state_dict import (  # noqa: F401
+    CheckpointError,
+    load_state_dict,
+    map_state_dict,
     to_flax,
     torch_key,
+    torch_shape,
 )
-from diffusion_jax.convert import core as _core
-from diffusion_jax.convert.clip import CLIP_KINDS, from_openai_clip
-
-
-def from_openai(checkpoint, flags: dict):
-    """OpenAI checkpoint -> ``(module, params)``; see ``core.from_openai`` (ADM, GLIDE) and
-    ``clip.from_openai_clip`` (``kind`` "clip_image" / "clip_text": GLIDE's noised CLIP)."""
-    if dict(flags).get("kind") in CLIP_KINDS:
-        return from_openai_clip(checkpoint, flags)
-    return _core.from_openai(checkpoint, flags)

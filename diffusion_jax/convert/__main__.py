@@ -1,6 +1,6 @@
 """``python -m diffusion_jax.convert``: see the package docstring."""
 
-from diffusion_jax.convert.core import main
+from diffusion_jax.convert.cli import main
 
 if __name__ == "__main__":
     main()

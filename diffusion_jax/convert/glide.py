@@ -16,15 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax.convert.core import (
+from diffusion_jax.convert.openai_flags import coerce_flag, str2bool
+from diffusion_jax.convert.state_dict import (
     CheckpointError,
     load_state_dict,
     map_state_dict,
+    shapes_of,
     to_flax,
     torch_key,
 )
@@ -67,22 +68,6 @@ def glide_defaults(kind: str = "glide") -> dict:
     return d
 
 
-def _bool(v) -> bool:
-    from diffusion_jax.convert.openai_flags import str2bool
-
-    return str2bool(v)
-
-
-def _coerce(name, value, default):
-    if isinstance(default, bool):
-        return _bool(value)
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
-
-
 def _channel_mult(value, image_size: int) -> tuple:
     if value in ("", None, ()):
         if image_size not in _MULT:
@@ -99,11 +84,11 @@ def _channel_mult(value, image_size: int) -> tuple:
 def _kind(flags: dict) -> str:
     kind = flags.get("kind")
     if kind is None:
-        return _KIND_OF[(_bool(flags.get("super_res", False)), _bool(flags.get("inpaint", False)))]
+        return _KIND_OF[(str2bool(flags.get("super_res", False)), str2bool(flags.get("inpaint", False)))]
     if kind not in GLIDE_KINDS:
         raise ValueError(f"kind must be one of {GLIDE_KINDS}, got {kind!r}")
     for name, want in (("super_res", kind.startswith("glide_upsample")), ("inpaint", kind.endswith("inpaint"))):
-        if name in flags and _bool(flags[name]) != want:
+        if name in flags and str2bool(flags[name]) != want:
             raise ValueError(f"flag {name}={flags[name]!r} contradicts kind {kind!r}")
     return kind
 
@@ -134,7 +119,7 @@ def resolve_glide_flags(flags: Mapping) -> dict:
     for k, v in flags.items():
         if k != "kind":
             try:
-                f[k] = _coerce(k, v, table[k])
+                f[k] = coerce_flag(v, table[k])
             except (TypeError, ValueError) as e:
                 raise ValueError(f"flag {k}={v!r}: {e}") from None
     size = f["image_size"]
@@ -165,6 +150,14 @@ def resolve_glide_preset(name: str, **overrides) -> dict:
     if name not in GLIDE_PRESETS:
         raise ValueError(f"unknown GLIDE preset {name!r}; known: {sorted(GLIDE_PRESETS)}")
     return resolve_glide_flags(dict(GLIDE_PRESETS[name], **overrides))
+
+
+def resolve_glide(flags: Mapping) -> dict:
+    """``resolve_glide_preset`` when ``flags`` hold a ``preset`` (the rest override it), else
+    ``resolve_glide_flags``."""
+    flags = dict(flags)
+    preset = flags.pop("preset", None)
+    return resolve_glide_preset(preset, **flags) if preset else resolve_glide_flags(flags)
 
 
 # ----------------------------------------------------------------------------- respacing
@@ -199,13 +192,7 @@ def glide_example_inputs(kind: str, model: dict) -> tuple[tuple, dict]:
 def glide_param_shapes(module, kind: str, model: dict) -> dict:
     """{flax path: ShapeDtypeStruct} without initialising (``jax.eval_shape``)."""
     args, kw = glide_example_inputs(kind, model)
-    try:
-        tree = jax.eval_shape(lambda k: module.init(k, *args, **kw), jax.random.key(0))["params"]
-    except Exception as e:  # noqa: BLE001 - any tracing error means bad settings
-        raise ValueError(f"these settings cannot build a GLIDE network: {type(e).__name__}: {e}\n"
-                         f"settings: {model}") from None
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(p.key for p in path): leaf for path, leaf in flat}
+    return shapes_of(module, args, kw, what="GLIDE network", settings=model)
 
 
 def glide_torch_key(path: tuple) -> str:
@@ -275,9 +262,7 @@ def from_openai_glide(checkpoint, flags: Mapping):
       tokens=tokens, mask=mask, low_res=None, inpaint_image=None, inpaint_mask=None)``
       (NHWC). Params are float32.
     """
-    flags = dict(flags)
-    preset = flags.pop("preset", None)
-    cfg = resolve_glide_preset(preset, **flags) if preset else resolve_glide_flags(flags)
+    cfg = resolve_glide(flags)
     module = build_glide_model(cfg["kind"], **cfg["model"])
     state_dict = load_state_dict(checkpoint)
     return module, glide_params_from_state_dict(module, cfg["kind"], cfg["model"], state_dict)

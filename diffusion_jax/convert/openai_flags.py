@@ -142,7 +142,16 @@ def str2bool(v) -> bool:
     raise ValueError(f"boolean value expected, got {v!r}")
 
 
-def _coerce(name: str, value, default):
+def coerce_flag(value, default):
+    """A flag value (typed, or a string from a command line) as the type of its ``default``.
+
+    bools go through ``str2bool``; ints and floats through ``int`` / ``float``
+    (a tuple or list for an int default, e.g. ``channel_mult``, is kept);
+    anything else is returned unchanged.
+
+    Raises:
+      ValueError, TypeError: a value that does not convert.
+    """
     if isinstance(default, bool):
         return str2bool(value)
     if isinstance(default, int) and not isinstance(value, (tuple, list)):
@@ -275,7 +284,7 @@ def resolve_flags(flags: dict, repo: str = "guided") -> dict:
     f = dict(table)
     for k, v in flags.items():
         try:
-            f[k] = _coerce(k, v, table[k])
+            f[k] = coerce_flag(v, table[k])
         except (TypeError, ValueError) as e:
             raise ValueError(f"flag {k}={v!r}: {e}") from None
     if f["num_classes"] is not None:

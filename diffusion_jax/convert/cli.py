@@ -1,0 +1,54 @@
+"""``python -m diffusion_jax.convert``: an OpenAI checkpoint -> a converted directory (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+
+from diffusion_jax.convert import glide, openai_flags
+from diffusion_jax.convert.api import convert_state_dict, save_converted
+from diffusion_jax.convert.state_dict import load_state_dict
+
+
+def resolve_cli(preset: str | None, flags: str | None, repo: str) -> tuple[dict, dict]:
+    """``(cfg, source)`` for a released checkpoint's ``preset`` name or an OpenAI ``flags`` string.
+
+    ``repo``: whose names and defaults ``flags`` use ("improved", "guided", or
+    "glide" for glide-text2im's ``model_creation`` names). ``source`` records
+    what the settings came from (stored in ``config.json``).
+    """
+    if preset in glide.GLIDE_PRESETS:
+        return glide.resolve_glide_preset(preset), {"repo": "glide", "preset": preset}
+    if preset:
+        p = openai_flags.PRESETS[preset]
+        return openai_flags.resolve_preset(preset), {"flags": p["flags"], "repo": p["repo"], "preset": preset}
+    if repo == "glide":
+        return glide.resolve_glide_flags(openai_flags.parse_flag_string(flags)), {"flags": flags, "repo": "glide"}
+    return openai_flags.parse_openai_flags(flags, repo), {"flags": flags, "repo": repo}
+
+
+def main(argv=None) -> None:
+    """Parse the command line, convert, write ``--out``."""
+    ap = argparse.ArgumentParser(prog="python -m diffusion_jax.convert",
+                                 description="Import an OpenAI checkpoint into a converted directory.")
+    ap.add_argument("--checkpoint", required=True, help="model .pt / .npz / .safetensors")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--preset", choices=sorted(openai_flags.PRESETS) + sorted(glide.GLIDE_PRESETS),
+                       help="a released checkpoint's name (GLIDE: base, upsample, base-inpaint, upsample-inpaint)")
+    group.add_argument("--flags", help='OpenAI flag string, e.g. "--image_size 64 --num_channels 192"')
+    ap.add_argument("--repo", choices=(*openai_flags.REPOS, "glide"), default="guided",
+                    help="whose defaults --flags uses (glide: glide-text2im's model_creation names)")
+    ap.add_argument("--out", required=True, help="output directory")
+    args = ap.parse_args(argv)
+    cfg, source = resolve_cli(args.preset, args.flags, args.repo)
+    source = {"checkpoint": args.checkpoint, **source}
+    _, params = convert_state_dict(cfg, load_state_dict(args.checkpoint))
+    save_converted(args.out, cfg, params, source)
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+    print(f"wrote {args.out}/config.json and params.safetensors ({cfg['kind']}, {n:,} parameters)")
+
+
+if __name__ == "__main__":
+    main()
