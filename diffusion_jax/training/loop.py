@@ -22,7 +22,7 @@ from diffusion_jax.runtime import checkpoints
 from diffusion_jax.runtime import parallel
 from diffusion_jax.training import steps as train_steps
 from diffusion_jax.runtime import text_conditioning as tc
-from diffusion_jax.data import pipeline
+from diffusion_jax.data import conditioning, pipeline
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,11 +36,15 @@ def validate_config(config) -> None:
     if m.image_size != d.image_size:
         raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
                          "set both to the size you train at")
-    if m.in_channels != d.channels and not tc.is_text_kind(config.kind):
-        raise ValueError(f"config.model.in_channels={m.in_channels} but config.data.channels={d.channels}")
-    if config.kind == "unet":
+    want_in = d.channels * (2 if config.kind == "super_res" else 1)  # SR: x beside the upsampled low_res
+    if m.in_channels != want_in and not tc.is_text_kind(config.kind):
+        raise ValueError(f"config.model.in_channels={m.in_channels} but a {config.kind!r} model on "
+                         f"config.data.channels={d.channels} channels needs {want_in}")
+    if config.kind == "super_res":
+        _validate_super_res_config(config)
+    if config.kind in ("unet", "super_res"):
         learned = config.diffusion.var_type in ("learned", "learned_range")
-        want = 2 * m.in_channels if learned else m.in_channels
+        want = (2 if learned else 1) * d.channels
         if m.out_channels != want:
             raise ValueError(f"config.model.out_channels={m.out_channels} but var_type "
                              f"{config.diffusion.var_type!r} needs {want}")
@@ -50,7 +54,7 @@ def validate_config(config) -> None:
     elif tc.is_text_kind(config.kind):
         _validate_text_config(config)
     elif config.kind != "classifier":
-        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, classifier, "
+        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, super_res, classifier, "
                          f"{', '.join(tc.TRAINABLE_TEXT_KINDS)}")
     if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
         raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
@@ -60,9 +64,9 @@ def validate_config(config) -> None:
 def _validate_text_config(config) -> None:
     m, t = config.model, config.text
     if config.kind not in tc.TRAINABLE_TEXT_KINDS:
-        raise ValueError(f"config.kind={config.kind!r} cannot be trained here (inpainting masks are not "
-                         f"generated); trainable text kinds: {tc.TRAINABLE_TEXT_KINDS}")
-    want_in = config.data.channels * (2 if config.kind == "glide_upsample" else 1)
+        raise ValueError(f"config.kind={config.kind!r} cannot be trained here; "
+                         f"trainable text kinds: {tc.TRAINABLE_TEXT_KINDS}")
+    want_in = tc.glide_in_channels(config.kind, config.data.channels)
     if config.diffusion.var_type not in ("learned", "learned_range") or m.out_channels != 2 * config.data.channels:
         raise ValueError(f"GLIDE models learn Sigma: set config.diffusion.var_type='learned_range' and "
                          f"config.model.out_channels={2 * config.data.channels} (got {config.diffusion.var_type!r}, "
@@ -80,6 +84,23 @@ def _validate_text_config(config) -> None:
     tc.check_tokenizer_fits(tc.tokenizer_from_config(config), m.n_vocab)
 
 
+def _validate_super_res_config(config) -> None:
+    small, size = super_res_small_size(config), config.model.image_size
+    if not 0 < small < size:
+        raise ValueError(f"config.super_res.small_size={small} must be smaller than config.model.image_size={size}")
+    if config.train.eval_every:
+        raise ValueError("config.train.eval_every > 0: test bits/dim during training is not implemented for "
+                         "super-resolution models; set config.train.eval_every=0")
+
+
+def super_res_small_size(config) -> int:
+    """The low-resolution side a 'super_res' config trains on (`config.super_res.small_size`)."""
+    if "super_res" not in config or "small_size" not in config.super_res:
+        raise ValueError("a kind='super_res' config needs config.super_res.small_size (the low-res side), "
+                         "see configs/digits_sr.py")
+    return int(config.super_res.small_size)
+
+
 def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
     d = config.diffusion
     return schedules.make_schedule(d.noise_schedule, d.diffusion_steps,
@@ -92,7 +113,7 @@ def make_model(config):
 
 def make_spec(config, schedule) -> train_steps.StepSpec:
     d, t = config.diffusion, config.train
-    is_unet = config.kind == "unet"
+    is_unet = config.kind in ("unet", "super_res")
     text = tc.is_text_kind(config.kind)
     return train_steps.StepSpec(
         kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
@@ -101,7 +122,8 @@ def make_spec(config, schedule) -> train_steps.StepSpec:
         microbatches=int(t.microbatches),
         num_classes=config.model.num_classes if is_unet else None,
         null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond),
-        text=text, end_token=int(tc.tokenizer_from_config(config).end_token) if text else 0)
+        text=text, end_token=int(tc.tokenizer_from_config(config).end_token) if text else 0,
+        inpaint=config.kind in tc.INPAINT_KINDS)
 
 
 def init_params(model, config, rng):
@@ -114,21 +136,27 @@ def init_params(model, config, rng):
         x = x[..., :config.data.channels]
         ctx = config.model.text_ctx
         kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
-        if config.kind == "glide_upsample":
+        if config.kind in tc.UPSAMPLE_KINDS:
             kw["low_res"] = jnp.zeros((1, s // tc.LOW_RES_FACTOR, s // tc.LOW_RES_FACTOR, config.data.channels))
+        if config.kind in tc.INPAINT_KINDS:
+            kw.update(inpaint_image=jnp.zeros_like(x), inpaint_mask=jnp.ones_like(x[..., :1]))
         return model.init({"params": rng}, x, t, **kw)["params"]
     y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+    if config.kind == "super_res":
+        x, small = x[..., :config.data.channels], super_res_small_size(config)
+        return model.init({"params": rng}, x, t, jnp.zeros((1, small, small, x.shape[-1])), y)["params"]
     return model.init({"params": rng}, x, t, y)["params"]
 
 
 def _uses_labels(config) -> bool:
-    return config.kind == "classifier" or (config.kind == "unet" and config.model.num_classes is not None)
+    return config.kind == "classifier" or (config.kind in ("unet", "super_res")
+                                            and config.model.num_classes is not None)
 
 
 def _data_iterator(config, with_labels: bool):
     d = config.data
     source = pipeline.make_source(d.name, d.train_split, data_dir=d.data_dir)
-    num_classes = config.model.num_classes if config.kind == "unet" else config.model.out_channels
+    num_classes = config.model.out_channels if config.kind == "classifier" else config.model.get("num_classes")
     if with_labels:
         _check_labels(source, num_classes)
     with_captions = tc.is_text_kind(config.kind)
@@ -262,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx, lr_fn = train_steps.make_optimizer(num_steps=config.train.num_steps, **config.optim.to_dict())
     with_labels = _uses_labels(config)
     data_it = _data_iterator(config, with_labels)
-    text = _TextBatcher.from_config(config)
+    text = _TextBatcher.from_config(config) or _LowResBatcher.from_config(config)
 
     repl = parallel.replicated(mesh)
     init = jax.jit(lambda key: train_steps.init_state(init_params(model, config, key), tx, spec), out_shardings=repl)
@@ -333,13 +361,28 @@ class _TextBatcher:
     def from_config(cls, config):
         if not tc.is_text_kind(config.kind):
             return None
-        return cls(tc.tokenizer_from_config(config), config.text.text_ctx, config.kind == "glide_upsample")
+        return cls(tc.tokenizer_from_config(config), config.text.text_ctx, config.kind in tc.UPSAMPLE_KINDS)
 
     def __call__(self, batch: dict) -> dict:
         out = tc.caption_batch(self.tokenizer, batch["caption"], self.text_ctx)
         if self.low_res:
             out["low_res"] = tc.low_res_of(np.asarray(batch["image"], np.float32))
         return out
+
+
+class _LowResBatcher:
+    """'super_res' kinds: the batch's images area-downsampled to `low_res` (guided-diffusion's
+    `super_res_train.py`: `F.interpolate(large_batch, small_size, mode="area")`, not quantised)."""
+
+    def __init__(self, small_size: int):
+        self.small_size = small_size
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(super_res_small_size(config)) if config.kind == "super_res" else None
+
+    def __call__(self, batch: dict) -> dict:
+        return {"low_res": conditioning.area_downsample(np.asarray(batch["image"], np.float32), self.small_size)}
 
 
 def _progress(start: int, total: int):

@@ -19,6 +19,7 @@ import optax
 from flax import struct
 
 from diffusion_jax import gaussian, objectives
+from diffusion_jax.data import conditioning
 from diffusion_jax.runtime import parallel
 from diffusion_jax.schedules import Schedule
 
@@ -37,7 +38,7 @@ class TrainState:
 class StepSpec:
     """Static settings of a train step (hashable)."""
 
-    kind: str  # "unet" | "classifier" | "glide" | "glide_upsample"
+    kind: str  # "unet" | "super_res" | "classifier" | a GLIDE kind
     mean_type: str
     var_type: str
     loss_type: str
@@ -49,6 +50,7 @@ class StepSpec:
     null_label: bool = False
     p_uncond: float = 0.0
     text: bool = False  # GLIDE kinds: batches carry "tokens"/"mask" (and "low_res" for upsamplers).
+    inpaint: bool = False  # GLIDE inpainting kinds: random masks per example (data.conditioning).
     end_token: int = 0  # The tokenizer's padding id: the null caption is all end tokens, mask all False.
 
 
@@ -114,12 +116,15 @@ def drop_captions(rng: jax.Array, tokens: jax.Array, mask: jax.Array, p_uncond: 
 
 
 def _apply_model(model, params, x_t, timesteps, mb: dict, rngs: dict, *, text: bool):
-    """The network on a microbatch: `y` positionally (class labels), or GLIDE's keyword inputs."""
+    """The network on a microbatch: `y` positionally (class labels; after `low_res` for
+    super-resolution U-Nets), or GLIDE's keyword inputs."""
     if not text:
-        return model.apply({"params": params}, x_t, timesteps, mb.get("y"), train=True, rngs=rngs)
+        lr = (mb["low_res"],) if "low_res" in mb else ()
+        return model.apply({"params": params}, x_t, timesteps, *lr, mb.get("y"), train=True, rngs=rngs)
     kw = dict(mb["y"])
-    if "low_res" in mb:
-        kw["low_res"] = mb["low_res"]
+    for name in ("low_res", "inpaint_image", "inpaint_mask"):
+        if name in mb:
+            kw[name] = mb[name]
     return model.apply({"params": params}, x_t, timesteps, train=True, rngs=rngs, **kw)
 
 
@@ -147,8 +152,9 @@ def _accumulate(loss_fn, params, micro: dict, m: int):
     return (jnp.mean(losses), aux), grads
 
 
-def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule, spec: StepSpec) -> dict:
-    """Everything random, drawn at global batch shape: t, weights, noise, x_t, labels."""
+def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule, spec: StepSpec,
+                      mask_rng=None) -> dict:
+    """Everything random, drawn at global batch shape: t, weights, noise, x_t, labels (, masks)."""
     t_rng, noise_rng, label_rng, drop_rng = jax.random.split(rng, 4)
     x_start = batch["image"]
     t, weights = spec.sampler.sample(state.sampler_state, t_rng, x_start.shape[0])
@@ -159,19 +165,24 @@ def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule
         tokens, mask = drop_captions(label_rng, batch["tokens"], batch["mask"], spec.p_uncond,
                                      end_token=spec.end_token)
         micro["y"] = {"tokens": tokens, "mask": mask}
-        if "low_res" in batch:
-            micro["low_res"] = batch["low_res"]
     elif spec.num_classes is not None:
         micro["y"] = drop_labels(label_rng, batch["label"], spec.p_uncond if spec.null_label else 0.0,
                                  spec.num_classes)
+    if "low_res" in batch:
+        micro["low_res"] = batch["low_res"]
+    if spec.inpaint:  # GLIDE: the model sees image * mask and the mask; example k of step s is s * B + k.
+        b, h, w = x_start.shape[:3]
+        micro["inpaint_image"] = x_start
+        micro["inpaint_mask"] = conditioning.inpaint_masks(mask_rng, state.step * b + jnp.arange(b), h, w)
     return micro, drop_rng
 
 
 def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, schedule: Schedule,
                    spec: StepSpec, tx) -> tuple[TrainState, dict]:
     """One optimizer step of the diffusion objective; returns (state, metrics)."""
+    mask_rng = jax.random.fold_in(rng, conditioning.MASK_STREAM)  # masks: (seed, example index) only
     rng = jax.random.fold_in(rng, state.step)
-    micro, drop_rng = _diffusion_inputs(state, batch, rng, schedule=schedule, spec=spec)
+    micro, drop_rng = _diffusion_inputs(state, batch, rng, schedule=schedule, spec=spec, mask_rng=mask_rng)
     micro["index"] = jnp.arange(micro["t"].shape[0])
 
     def loss_fn(params, mb):
