@@ -95,7 +95,7 @@ def _k(name, module, role, inputs, *, trains, samples, conversion) -> Kind:
 KINDS: dict[str, Kind] = {
     "unet": _k("unet", unet.UNet, "denoiser", ["labels"], trains=True, samples=True, conversion=ADM),
     "super_res": _k("super_res", unet.SuperResUNet, "denoiser", ["labels", "low_res"],
-                    trains=False, samples=False, conversion=ADM),
+                    trains=True, samples=False, conversion=ADM),
     "classifier": _k("classifier", classifier.EncoderUNet, "classifier", [],
                      trains=True, samples=False, conversion=ADM),
     "glide": _k("glide", glide_models.Text2ImUNet, "denoiser", ["tokens"],
@@ -103,9 +103,9 @@ KINDS: dict[str, Kind] = {
     "glide_upsample": _k("glide_upsample", glide_models.SuperResText2ImUNet, "denoiser", ["tokens", "low_res"],
                          trains=True, samples=False, conversion=GLIDE),
     "glide_inpaint": _k("glide_inpaint", glide_models.InpaintText2ImUNet, "denoiser", ["tokens", "inpaint"],
-                        trains=False, samples=False, conversion=GLIDE),
+                        trains=True, samples=False, conversion=GLIDE),
     "glide_upsample_inpaint": _k("glide_upsample_inpaint", glide_models.SuperResInpaintText2ImUNet, "denoiser",
-                                 ["tokens", "low_res", "inpaint"], trains=False, samples=False, conversion=GLIDE),
+                                 ["tokens", "low_res", "inpaint"], trains=True, samples=False, conversion=GLIDE),
     "clip_image": _k("clip_image", clip_models.ImageEncoder, "encoder", [],
                      trains=False, samples=False, conversion=CLIP),
     "clip_text": _k("clip_text", clip_models.TextEncoder, "encoder", [],
@@ -124,12 +124,16 @@ def get(kind: str) -> Kind:
     return KINDS[kind]
 
 
-def names(*, trains: bool | None = None, samples: bool | None = None, takes: str | None = None,
+def names(*, trains: bool | None = None, samples: bool | None = None, takes: str | tuple = (),
           role: str | None = None, dialect: str | None = None) -> tuple[str, ...]:
-    """Kinds matching every given filter, in table order (for messages and choices)."""
+    """Kinds matching every given filter, in table order (for messages, choices and membership tests).
+
+    ``takes``: an input name, or several, all of which the kind must take.
+    """
+    want = {takes} if isinstance(takes, str) else set(takes)
     return tuple(k.name for k in KINDS.values()
                  if (trains is None or k.trains == trains) and (samples is None or k.samples == samples)
-                 and (takes is None or takes in k.inputs) and (role is None or k.role == role)
+                 and want <= k.inputs and (role is None or k.role == role)
                  and (dialect is None or k.conversion.dialect == dialect))
 
 

@@ -21,11 +21,13 @@ import os
 import numpy as np
 
 from diffusion_jax import text
+from diffusion_jax.convert import kinds
 
-TEXT_KINDS = ("glide", "glide_upsample", "glide_inpaint", "glide_upsample_inpaint")
-TRAINABLE_TEXT_KINDS = ("glide", "glide_upsample", "glide_inpaint", "glide_upsample_inpaint")
-UPSAMPLE_KINDS = ("glide_upsample", "glide_upsample_inpaint")  # take `low_res`
-INPAINT_KINDS = ("glide_inpaint", "glide_upsample_inpaint")  # take `inpaint_image`, `inpaint_mask`
+# Views of the kind table (diffusion_jax.convert.kinds) for the text-conditional (GLIDE) kinds.
+TEXT_KINDS = kinds.names(takes="tokens")
+TRAINABLE_TEXT_KINDS = kinds.names(takes="tokens", trains=True)
+UPSAMPLE_KINDS = kinds.names(takes=("tokens", "low_res"))  # take `low_res`
+INPAINT_KINDS = kinds.names(takes=("tokens", "inpaint"))  # take `inpaint_image`, `inpaint_mask`
 TOKENIZERS = ("byte", "glide")
 # GLIDE's upsampler turns 64 px into 256 px: the low-resolution input is 1/4 the size.
 LOW_RES_FACTOR = 4
