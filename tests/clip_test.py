@@ -25,6 +25,8 @@ from diffusion_jax import convert, gaussian, guidance, sampling, schedules, text
 from diffusion_jax.convert import clip as convert_clip
 from diffusion_jax.models import clip as clip_models
 
+jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity", "glide")
 WEIGHTS = {"clip_image": "clip_pub_image", "clip_text": "clip_pub_text"}
 EMB_ATOL = 2e-5
@@ -69,9 +71,11 @@ def _normalise(z):
     return z / (np.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
 
 
-def _image_fn(x, t):
+@functools.cache
+def _image_fn():
+    """(x, t) -> raw image embedding; built outside any trace (the caches must not hold tracers)."""
     module, params = _model("clip_image")
-    return module.apply({"params": params}, x, t)
+    return jax.jit(lambda x, t: module.apply({"params": params}, x, t))
 
 
 class EncoderParityTest(parameterized.TestCase):
@@ -96,11 +100,10 @@ class EncoderParityTest(parameterized.TestCase):
         np.testing.assert_allclose(_text_raw(tokens), _text_raw(), atol=1e-6, rtol=0)
 
     def test_image_depends_on_timestep(self):
-        module, params = _model("clip_image")
         t = jnp.asarray(_io()["inputs/timesteps"], jnp.int32)
-        a = module.apply({"params": params}, _x(), t)
-        b = module.apply({"params": params}, _x(), t.astype(jnp.float32))  # GLIDE's integer timesteps as floats
-        c = module.apply({"params": params}, _x(), (t + 1) % 1000)
+        a = _image_fn()(_x(), t)
+        b = _image_fn()(_x(), t.astype(jnp.float32))  # GLIDE's integer timesteps as floats
+        c = _image_fn()(_x(), (t + 1) % 1000)
         np.testing.assert_array_equal(a, b)
         self.assertGreater(float(jnp.abs(a - c).max()), 1e-3)
 
@@ -112,7 +115,7 @@ class EncoderParityTest(parameterized.TestCase):
 class GuidanceTest(absltest.TestCase):
 
     def _cond_fn(self):
-        return guidance.clip_cond_fn(_image_fn, _text_raw(), float(_io()["inputs/grad_scale"]))
+        return guidance.clip_cond_fn(_image_fn(), _text_raw(), float(_io()["inputs/grad_scale"]))
 
     def test_cond_grad_matches_reference(self):
         io = _io()
@@ -131,10 +134,10 @@ class GuidanceTest(absltest.TestCase):
         eps = 1e-2
 
         def logits(xx):
-            return 100.0 * np.sum(text_emb * _normalise(_image_fn(jnp.asarray(xx, jnp.float32), t)))
+            return 100.0 * np.sum(text_emb * _normalise(_image_fn()(jnp.asarray(xx, jnp.float32), t)))
 
         fd = (logits(x + eps * direction) - logits(x - eps * direction)) / (2 * eps)
-        grad = np.asarray(guidance.clip_cond_fn(_image_fn, _text_raw(), 1.0)(_x(), t), np.float64)
+        grad = np.asarray(guidance.clip_cond_fn(_image_fn(), _text_raw(), 1.0)(_x(), t), np.float64)
         np.testing.assert_allclose(np.sum(grad * direction), fd, rtol=2e-2)
 
     def test_composes_with_p_sample(self):
@@ -149,7 +152,8 @@ class GuidanceTest(absltest.TestCase):
         def model_fn(xx, ts, y):
             return 0.1 * xx
 
-        got, _ = sampling.p_sample(sched, model_fn, x, t, noise, cond_fn=self._cond_fn(), **kw)
+        step = jax.jit(functools.partial(sampling.p_sample, sched, model_fn, cond_fn=self._cond_fn(), **kw))
+        got, _ = step(x, t, noise)
         out = gaussian.p_mean_variance(sched, model_fn(x, t, None), x, t, **kw)
         mask = (np.asarray(t) != 0)[:, None, None, None]
         want = (out.mean + out.variance * np.moveaxis(io["outputs/cond_grad"], 1, -1)
