@@ -244,6 +244,8 @@ class ConvertTest(absltest.TestCase):
         module = convert_clip.clip_module("clip_image", {})  # config.yaml: the released noised CLIP
         self.assertEqual((module.image_size, module.patch_size, module.n_head, module.n_timestep), (64, 4, 12, 1000))
         self.assertIsInstance(convert_clip.clip_module("clip_text", {"n_vocab": "300"}), clip_models.TextEncoder)
+        cfg = convert_clip.clip_config({"kind": "clip_text", **_flags()["flags"]})
+        self.assertEqual(clip_models.TextEncoder(**cfg["model"]), _model("clip_text")[0])
         with self.assertRaisesRegex(ValueError, "n_heads"):
             convert_clip.clip_module("clip_image", {"n_heads": 4})
 

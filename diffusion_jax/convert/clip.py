@@ -58,6 +58,24 @@ def resolve_clip_flags(flags: Mapping) -> dict:
     return out
 
 
+def clip_config(flags: Mapping) -> dict:
+    """CLIP flags (with ``kind``) -> ``{"kind", "model": <encoder constructor kwargs>, "clip": <resolved flags>}``.
+
+    ``models.clip.ImageEncoder(**cfg["model"])`` (or ``TextEncoder``) is the
+    network ``clip_module`` builds; the shape of the other kinds' configs.
+    """
+    f = resolve_clip_flags(flags)
+    common = {"n_embd": f["n_embd"], "dtype": f["dtype"], "kernels": f["kernels"]}
+    if f["kind"] == "clip_image":
+        model = dict(image_size=f["image_size"], patch_size=f["patch_size"], n_head=f["n_head_image"],
+                     n_xf_blocks=f["n_xf_blocks_image"], n_head_state=f["n_head_state_image"],
+                     n_timestep=f["n_timesteps"], **common)
+    else:
+        model = dict(n_bpe_vocab=f["n_vocab"], max_text_len=f["max_text_len"], n_head=f["n_head_text"],
+                     n_xf_blocks=f["n_xf_blocks_text"], n_head_state=f["n_head_state_text"], **common)
+    return {"kind": f["kind"], "model": model, "clip": f}
+
+
 def clip_module(kind: str, flags: Mapping):
     """The Flax encoder for ``kind`` ("clip_image" | "clip_text") built from CLIP flags.
 
@@ -66,16 +84,8 @@ def clip_module(kind: str, flags: Mapping):
       timesteps [B])``) or ``models.clip.TextEncoder`` (``apply({'params': p},
       tokens [B, max_text_len] int32, lens [B] int32)``); both give ``[B, n_embd]``.
     """
-    f = resolve_clip_flags({**flags, "kind": kind})
-    common = {"n_embd": f["n_embd"], "dtype": f["dtype"], "kernels": f["kernels"]}
-    if kind == "clip_image":
-        return clip_models.ImageEncoder(
-            image_size=f["image_size"], patch_size=f["patch_size"], n_head=f["n_head_image"],
-            n_xf_blocks=f["n_xf_blocks_image"], n_head_state=f["n_head_state_image"],
-            n_timestep=f["n_timesteps"], **common)
-    return clip_models.TextEncoder(
-        n_bpe_vocab=f["n_vocab"], max_text_len=f["max_text_len"], n_head=f["n_head_text"],
-        n_xf_blocks=f["n_xf_blocks_text"], n_head_state=f["n_head_state_text"], **common)
+    model = clip_config({**flags, "kind": kind})["model"]
+    return (clip_models.ImageEncoder if kind == "clip_image" else clip_models.TextEncoder)(**model)
 
 
 def clip_param_shapes(module) -> dict[tuple, jax.ShapeDtypeStruct]:
