@@ -13,16 +13,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+from absl.testing import parameterized
 
-from diffusion_jax import (
-    convert,
-    convert_glide,
-    gaussian,
-    guidance,
-    sampling,
-    schedules,
-)
+from diffusion_jax import convert, gaussian, guidance, sampling, schedules
+from diffusion_jax.convert import glide as convert_glide
 from diffusion_jax.models import glide
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -30,6 +24,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity", "glide")
 NETS = ("t2i_pub", "sr_pub", "inp_pub")
 EMB = {"mean_type": "epsilon", "var_type": "learned_range"}
+KERNELS = ("cpu", "xla")  # both forms of GroupNorm / attention / upsample meet the same tolerances
 
 
 def nhwc(a):
@@ -62,8 +57,8 @@ def net(name, source="npz"):
 
 
 @functools.cache
-def jitted_forward(name):
-    module, _ = net(name)
+def jitted_forward(name, kernels):
+    module = net(name)[0].clone(kernels=kernels)
 
     def fwd(params, x, t, kwargs):
         return module.apply({"params": params}, x, t, **kwargs, capture_intermediates=True, mutable=["intermediates"])
@@ -94,12 +89,12 @@ FORWARD_CASES = (
 
 class ForwardParityTest(parameterized.TestCase):
 
-    @parameterized.named_parameters(*[(f"{n}_{c}", n, c, e) for n, c, e in FORWARD_CASES])
-    def test_forward(self, name, case, extra):
+    @parameterized.named_parameters(*[(f"{n}_{c}_{k}", n, c, e, k) for n, c, e in FORWARD_CASES for k in KERNELS])
+    def test_forward(self, name, case, extra, kernels):
         d = io(name)
         module, params = net(name)
         kw = dict(text_kwargs(d), **{k: nhwc(d[v]) for k, v in extra.items()})
-        out, state = jitted_forward(name)(params, nhwc(d["inputs/x"]), d["inputs/timesteps"], kw)
+        out, state = jitted_forward(name, kernels)(params, nhwc(d["inputs/x"]), d["inputs/timesteps"], kw)
         assert_close(out, nhwc(d[f"{case}/out"]), 1e-4, what=f"{name}/{case}/out")
         self.assertEqual(out.dtype, jnp.float32)
         if f"{case}/trunk_input" in d:
@@ -130,10 +125,11 @@ class ForwardParityTest(parameterized.TestCase):
                 rms = np.sqrt(np.mean(h**2, axis=(0, 1)))
                 assert_close(rms, d[key.replace("channel_mean", "channel_rms")][0], 1e-4, what=key)
 
-    @parameterized.parameters(*NETS)
-    def test_text_encoder(self, name):
+    @parameterized.product(name=NETS, kernels=KERNELS)
+    def test_text_encoder(self, name, kernels):
         d = io(name)
         module, params = net(name)
+        module = module.clone(kernels=kernels)
         tokens, mask = d["inputs/tokens"], d["inputs/mask"]
         enc, state = module.apply({"params": params}, tokens, mask, method="encode_text",
                                   capture_intermediates=True, mutable=["intermediates"])
@@ -197,11 +193,13 @@ def empty_caption(text_ctx):
     return {"tokens": np.full((text_ctx,), 50256, np.int32), "mask": np.zeros((text_ctx,), bool)}
 
 
-class GuidanceParityTest(absltest.TestCase):
+class GuidanceParityTest(parameterized.TestCase):
 
-    def test_cfg_model_fn(self):
+    @parameterized.parameters(*KERNELS)
+    def test_cfg_model_fn(self, kernels):
         d = io("t2i_pub")
         module, params = net("t2i_pub")
+        module = module.clone(kernels=kernels)
         p = "cfg_model_fn/inputs/"
         x, ts = nhwc(d[p + "x_t"]), d[p + "ts"]
         y = {"tokens": d[p + "tokens"], "mask": d[p + "mask"]}
@@ -215,10 +213,12 @@ class GuidanceParityTest(absltest.TestCase):
         got = guided(x[:b], ts[:b], jax.tree.map(lambda a: a[:b], y))
         assert_close(got, nhwc(d["cfg_model_fn/out"])[:b], 1e-4, what="classifier_free")
 
-    def test_text2im_loop(self):
+    @parameterized.parameters(*KERNELS)
+    def test_text2im_loop(self, kernels):
         """The text2im notebook's guided p_sample_loop, with the caption encoded once."""
         d, p = io("t2i_pub"), "loop0_p_sample_loop_text2im/"
         module, params = net("t2i_pub")
+        module = module.clone(kernels=kernels)
         sched = convert_glide.make_glide_schedule("squaredcos_cap_v2", 1000, "10")
         np.testing.assert_array_equal(sched.timestep_map[::-1], d[p + "model_timesteps"][:, 0])
         encode = functools.partial(module.apply, {"params": params}, method="encode_text")
@@ -232,10 +232,12 @@ class GuidanceParityTest(absltest.TestCase):
         assert_close(traj.samples, nhwc(d[p + "samples"])[:, :1], 1e-3, 1e-3, what="samples")
         assert_close(traj.pred_xstart, nhwc(d[p + "pred_xstart"])[:, :1], 1e-3, 1e-3, what="pred_xstart")
 
-    def test_upsample_ddim_fast27_loop(self):
+    @parameterized.parameters(*KERNELS)
+    def test_upsample_ddim_fast27_loop(self, kernels):
         """The upsampler cell: DDIM on fast27, low_res conditioning, no guidance."""
         d, p = io("sr_pub"), "loop0_ddim_sample_loop_text2im_upsample/"
         module, params = net("sr_pub")
+        module = module.clone(kernels=kernels)
         sched = convert_glide.make_glide_schedule("linear", 1000, "fast27")
         np.testing.assert_array_equal(sched.timestep_map[::-1], d[p + "model_timesteps"][:, 0])
         model_fn = glide.glide_model_fn(module, params, low_res=jnp.asarray(nhwc(d[p + "inputs/low_res"])))
@@ -248,10 +250,12 @@ class GuidanceParityTest(absltest.TestCase):
         assert_close(traj.samples, nhwc(d[p + "samples"]), 1e-3, 1e-3, what="samples")
         assert_close(traj.pred_xstart, nhwc(d[p + "pred_xstart"]), 1e-3, 1e-3, what="pred_xstart")
 
-    def test_inpaint_loop(self):
+    @parameterized.parameters(*KERNELS)
+    def test_inpaint_loop(self, kernels):
         """The inpainting notebook: its CFG model_fn (s = 5) and known-region denoised_fn, all rows."""
         d, p = io("inp_pub"), "loop0_p_sample_loop_inpaint/"
         module, params = net("inp_pub")
+        module = module.clone(kernels=kernels)
         sched = convert_glide.make_glide_schedule("squaredcos_cap_v2", 1000, "5")
         img, msk = nhwc(d[p + "inputs/inpaint_image"]), nhwc(d[p + "inputs/inpaint_mask"])
         base = glide.glide_model_fn(module, params, inpaint_image=jnp.asarray(img), inpaint_mask=jnp.asarray(msk))

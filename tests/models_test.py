@@ -17,6 +17,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "parity")
 NETS = ("idiff_pub", "gdiff_unet_pub", "gdiff_cls_pub")
+KERNELS = ("cpu", "xla")  # both forms of GroupNorm / attention / upsample meet the same tolerances
 _OPENAI_ONLY = ("conv_resample", "dims", "use_fp16")
 
 try:
@@ -53,8 +54,8 @@ def fixture_params(name: str, source: str):
 
 
 @functools.cache
-def jitted_apply(name: str):
-    return jax.jit(fixture_model(name)[2].apply)
+def jitted_apply(name: str, kernels: str = "auto"):
+    return jax.jit(fixture_model(name)[2].clone(kernels=kernels).apply)
 
 
 def fixture_io(name: str):
@@ -99,8 +100,8 @@ class TimestepEmbeddingTest(parameterized.TestCase):
 class ParityTest(parameterized.TestCase):
     """Forward outputs against OpenAI's PyTorch networks (random weights, every layer live)."""
 
-    @parameterized.product(name=NETS, source=("npz", "pt"))
-    def test_forward(self, name, source):
+    @parameterized.product(name=NETS, source=("npz", "pt"), kernels=KERNELS)
+    def test_forward(self, name, source, kernels):
         # One call per network: the int timesteps (0, 417, 999; exact in float32)
         # and the float ones (0.25, 250.5, 999.75) stacked into a batch of 6, so
         # each network compiles once (the .pt case reuses the executable).
@@ -118,7 +119,7 @@ class ParityTest(parameterized.TestCase):
         )
         y = np.concatenate([io["inputs/y"]] * 2).astype(np.int32)
         args = (x, t) if kind == "classifier" else (x, t, y)
-        out = jitted_apply(name)({"params": params}, *args)
+        out = jitted_apply(name, kernels)({"params": params}, *args)
         self.assertEqual(out.dtype, jnp.float32)
         want = np.concatenate(
             [io["outputs/out_timesteps_int"], io["outputs/out_timesteps_float"]]
@@ -132,9 +133,10 @@ class ParityTest(parameterized.TestCase):
             a, b = fixture_params(name, "npz"), fixture_params(name, "pt")
             jax.tree.map(np.testing.assert_array_equal, a, b)
 
-    def test_classifier_input_gradient(self):
+    @parameterized.parameters(*KERNELS)
+    def test_classifier_input_gradient(self, kernels):
         name = "gdiff_cls_pub"
-        _, _, module = fixture_model(name)
+        module = fixture_model(name)[2].clone(kernels=kernels)
         params = fixture_params(name, "npz")
         io = fixture_io(name)
         x = io["inputs/x"].transpose(0, 2, 3, 1)
@@ -405,6 +407,45 @@ class ClassifierPoolTest(parameterized.TestCase):
         out = jax.eval_shape(m.apply, {"params": params}, x, t)
         self.assertEqual(out.shape, (2, 5))
         self.assertEqual(out.dtype, jnp.float32)
+
+
+def kernel_nets():
+    """One small network of each class with its example inputs: {name: (module, args, kwargs)}."""
+    x, t, low = X8, T8, jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+    small = {"image_size": 8, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),
+             "attention_resolutions": (1, 2), "num_head_channels": 16}
+    tokens = jnp.array([[1, 2, 3, 0], [4, 5, 0, 0]], jnp.int32)
+    text = {"tokens": tokens, "mask": tokens > 0}
+    glide = {"text_ctx": 4, "xf_width": 32, "xf_layers": 1, "xf_heads": 2, "n_vocab": 8}
+    return {
+        "unet": (tiny_unet(attention_resolutions=(1, 2)), (x, t, Y8), {}),
+        "super_res": (models.SuperResUNet(in_channels=6, resblock_updown=True, **small), (x, t, low), {}),
+        "classifier": (models.EncoderUNet(out_channels=5, pool="attention", **small), (x, t), {}),
+        "glide_upsample": (models.SuperResText2ImUNet(**small, **glide), (x, t), dict(text, low_res=low)),
+    }
+
+
+class KernelsFieldTest(parameterized.TestCase):
+    """``kernels`` changes how GroupNorm / attention / upsampling are computed, never the parameters."""
+
+    @parameterized.parameters("unet", "super_res", "classifier", "glide_upsample")
+    def test_same_params_and_outputs(self, name):
+        module, args, kw = kernel_nets()[name]
+        inits = {k: jax.jit(module.clone(kernels=k).init)(jax.random.key(0), *args, **kw)["params"]
+                 for k in ("cpu", "xla")}
+        # Same names, shapes and initial values, so either setting runs the other's checkpoints.
+        jax.tree.map(np.testing.assert_array_equal, inits["cpu"], inits["xla"])
+        leaves, tree = jax.tree.flatten(inits["cpu"])
+        rs = np.random.RandomState(3)  # every layer live (no zero-initialised outputs)
+        params = jax.tree.unflatten(tree, [p + 0.1 * rs.randn(*p.shape).astype(np.float32) for p in leaves])
+        outs = [jax.jit(module.clone(kernels=k).apply)({"params": params}, *args, **kw) for k in ("cpu", "xla")]
+        np.testing.assert_allclose(outs[0], outs[1], atol=2e-5 * float(jnp.abs(outs[1]).max()), rtol=0)
+
+    @parameterized.parameters("unet", "super_res", "classifier", "glide_upsample")
+    def test_unknown_kernels(self, name):
+        module, args, kw = kernel_nets()[name]
+        with self.assertRaisesRegex(ValueError, r"\('auto', 'cpu', 'xla'\).*'gpu'"):
+            jax.eval_shape(module.clone(kernels="gpu").init, jax.random.key(0), *args, **kw)
 
 
 if __name__ == "__main__":
