@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffusion_jax import convert, models
+from diffusion_jax import convert
+from diffusion_jax.convert import kinds
+from diffusion_jax.runtime import config_io
 
 CONFIG_FILE = "config.json"
 # Groups whose differences make a checkpoint unusable with a config.
@@ -184,8 +186,8 @@ def _tuples(d: dict) -> dict:
 def load_for_inference(workdir: str, ema_rate: float | None = None) -> tuple[Any, Any, dict]:
     """(module, params, cfg) from a training workdir or a converted OpenAI directory.
 
-    `cfg` is the stored config as a plain dict with at least "kind", "model"
-    and "diffusion".  Training workdirs give the EMA params of the newest
+    `cfg` is the stored config as a plain dict in the shape training writes
+    (`runtime.config_io`: every field present, defaults filled in).  Training workdirs give the EMA params of the newest
     checkpoint (`ema_rate`: which EMA; default the first; 0: raw params).
     """
     path = os.path.join(workdir, CONFIG_FILE)
@@ -195,10 +197,9 @@ def load_for_inference(workdir: str, ema_rate: float | None = None) -> tuple[Any
             "or a directory written by `python -m diffusion_jax.convert`")
     if os.path.exists(os.path.join(workdir, "params.safetensors")):
         module, params, cfg = convert.load_converted(workdir)
-        return module, params, cfg
-    with open(path) as f:
-        cfg = json.load(f)
-    module = models.build_model(cfg["kind"], **_tuples(cfg["model"]))
+        return module, params, config_io.config_from_dict(cfg, path).to_dict()
+    cfg = config_io.load_config(workdir).to_dict()  # every field, defaults from runtime.defaults
+    module = kinds.build(cfg["kind"], **cfg["model"])
     params, step, rate = _training_params(workdir, cfg, ema_rate)
     cfg = dict(cfg, checkpoint_step=int(step), ema_rate=rate)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
