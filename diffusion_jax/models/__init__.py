@@ -3,6 +3,7 @@
 from diffusion_jax.models.classifier import AttentionPool2d, EncoderUNet
 from diffusion_jax.models.glide import (GLIDE_CLASSES, InpaintText2ImUNet, SuperResInpaintText2ImUNet,
                                         SuperResText2ImUNet, Text2ImUNet)
+from diffusion_jax.models.kernels import KERNELS, resolve_kernels
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.unet import SuperResUNet, UNet
 
@@ -10,12 +11,14 @@ __all__ = [
     "AttentionPool2d",
     "EncoderUNet",
     "InpaintText2ImUNet",
+    "KERNELS",
     "SuperResInpaintText2ImUNet",
     "SuperResText2ImUNet",
     "Text2ImUNet",
     "SuperResUNet",
     "UNet",
     "build_model",
+    "resolve_kernels",
     "timestep_embedding",
 ]
 

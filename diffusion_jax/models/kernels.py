@@ -24,19 +24,21 @@ this machine (figures: ``bench/model.py``, ``bench/train.py``):
   image as four 2x2 convs of the small image, one per output phase (16 taps
   per input pixel instead of 36), interleaved.
 
-``"xla"``: the textbook forms, which the TPU and GPU compilers fuse well on
-their own and which reach the vendors' fused kernels:
+``"xla"``: the textbook forms. TPU and GPU compilers fuse these well on
+their own (the CPU tricks above would only get in their way), and the
+attention goes through JAX's one entry point to the fused kernels:
 
 - ``group_norm_xla``: mean and variance of the ``[B, N, G, C/G]`` view in
-  float32 (two passes, as torch), autodiff backward; one fusion per pass.
+  float32 (two passes, as torch), autodiff backward.
 - ``attention_xla``: ``jax.nn.dot_product_attention`` on [B, T, heads, ch]
-  with ``implementation=None``: float32 logits and softmax, weights cast
-  to the value dtype before the second matmul (OpenAI's fp16 semantics).
-  JAX's None lets it pick cuDNN flash attention (O(T) memory) where it
-  supports the call; JAX 0.10 always picks its XLA form, which TPU and GPU
+  with ``implementation=None``: float32 logits and softmax, the weights
+  cast to the value dtype before the second matmul (OpenAI's fp16
+  semantics). None leaves the choice to JAX: cuDNN flash attention (O(T)
+  memory) where JAX selects it for the call; JAX 0.10's None still means
+  its XLA form (einsum, float32 softmax, einsum), which the TPU and GPU
   compilers fuse.
 - ``upsample_conv3x3_xla``: the plain 3x3 conv of the nearest-upsampled
-  image (a broadcast the conv emitter reads through).
+  image.
 
 Both attention forms scale the float32 logits by 1/sqrt(ch); OpenAI scales q
 and k by ch^-1/4 each before the matmul (for fp16 range), the same product
