@@ -203,22 +203,27 @@ def _inner_of_three_scale(lam: jax.Array, plan: SolverPlan) -> jax.Array:
     return jnp.where(inner, 2 * (r2 - r1) / (r2 * (2 - 3 * r1)), 1.0)
 
 
-def coefficients(schedule: Schedule, plan: SolverPlan, *, algorithm: str) -> tuple[jax.Array, jax.Array]:
-    """Per-step update coefficients: x_{k+1} = a[k] x_anchor + sum_d c[k, d] M_{k-d}.
+def coefficients(schedule: Schedule, plan: SolverPlan, *,
+                 algorithm: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-step update coefficients: x_{k+1} = alpha_b x0_a + sigma_b eps_a + sum_d c[k, d] M_{k-d}.
 
-    M_{k-d} is the model output (x0 for "dpmsolver++", eps for "dpmsolver") at
-    grid position k - d, i.e. d evaluations ago.  Formulas: module docstring.
-    The zeroth-order coefficient is written with alpha and sigma only
-    (alpha_b - sigma_b alpha_a / sigma_a, resp. sigma_b - alpha_b sigma_a / alpha_a),
-    which is finite on the step into sigma = 0 and is DDIM's own expression.
+    (x0_a, eps_a) are the anchor's x0 and eps predictions, consistent at x_a
+    (x_a = alpha_a x0_a + sigma_a eps_a), so alpha_b x0_a + sigma_b eps_a is
+    the first-order update of both algorithms ((sigma_b / sigma_a) x_a -
+    alpha_b phi1 x0_a, resp. (alpha_b / alpha_a) x_a - sigma_b phi1 eps_a),
+    written as DDIM writes it: no 1 / alpha_a amplification of rounding, and
+    finite on the step into sigma = 0.  M_{k-d} is the model output (x0 for
+    "dpmsolver++", eps for "dpmsolver") at grid position k - d, d evaluations
+    ago; c holds the derivative terms (module docstring).
 
     Returns:
-      (a `[K]`, c `[K, 3]`) in the dtype of the schedule's tables.
+      (alpha_b `[K]`, sigma_b `[K]`, c `[K, 3]`) in the dtype of the schedule's
+      tables; alpha_b, sigma_b are sqrt(abar_prev), sqrt(1 - abar_prev) as
+      `sampling.ddim_sample` forms them.
     """
     alpha, sigma, lam = grid(schedule)
     k = np.arange(plan.anchor.shape[0])
     a_idx, b_idx = plan.anchor, k + 1
-    alpha_a, sigma_a, alpha_b, sigma_b = alpha[a_idx], sigma[a_idx], alpha[b_idx], sigma[b_idx]
     final = jnp.asarray(b_idx == k.shape[0])
     h = jnp.where(final, 1.0, lam[b_idx] - lam[a_idx])  # h = inf into sigma = 0, where only order 1 runs
     u = (lam[plan.nodes] - lam[a_idx][:, None]) / h[:, None]
@@ -230,26 +235,23 @@ def coefficients(schedule: Schedule, plan: SolverPlan, *, algorithm: str) -> tup
         phi2 = phi1 / h + 1
         phi3 = phi2 / h - 0.5
         w2 = jnp.where(paper, -phi1 / 2, phi2)
-        a = sigma_b / sigma_a
-        node_w = alpha_b[:, None] * (w2[:, None] * first - phi3[:, None] * second)
-        node_w = node_w.at[:, 0].add(alpha_b - sigma_b * alpha_a / sigma_a)
+        node_w = alpha[b_idx][:, None] * (w2[:, None] * first - phi3[:, None] * second)
     else:
         phi1 = jnp.expm1(h)
         phi2 = phi1 / h - 1
         phi3 = phi2 / h - 0.5
         w2 = jnp.where(paper, phi1 / 2, phi2)
-        a = alpha_b / alpha_a
-        node_w = -sigma_b[:, None] * (w2[:, None] * first + phi3[:, None] * second)
-        node_w = node_w.at[:, 0].add(sigma_b - alpha_b * sigma_a / alpha_a)
-    # Node i at grid position q sits in buffer slot k - q (slot 0 = this step's output).
+        node_w = -sigma[b_idx][:, None] * (w2[:, None] * first + phi3[:, None] * second)
+    # Node i at grid position q sits in history slot k - q (slot 0 = this step's output).
     slots = k[:, None] - plan.nodes
     c = jnp.zeros((k.shape[0], 3), node_w.dtype).at[k[:, None], slots].add(node_w)
-    return a, c
+    abar_prev = jnp.asarray(schedule.alphas_cumprod_prev)[::-1]
+    return jnp.sqrt(abar_prev), jnp.sqrt(1 - abar_prev), c
 
 
-def _model_output(schedule: Schedule, model_fn, x: jax.Array, t: jax.Array, *, algorithm: str, mean_type: str,
-                  var_type: str, clip_denoised: bool, cond_fn, y, denoised_fn) -> tuple[jax.Array, jax.Array]:
-    """(M, pred_xstart) at (x, t): M is x0 for "dpmsolver++", else eps, both as `ddim_sample` forms them.
+def _model_output(schedule: Schedule, model_fn, x: jax.Array, t: jax.Array, *, mean_type: str, var_type: str,
+                  clip_denoised: bool, cond_fn, y, denoised_fn) -> tuple[jax.Array, jax.Array]:
+    """(x0, eps) at (x, t), both as `sampling.ddim_sample` forms them.
 
     The network output goes through `gaussian.p_mean_variance` (every mean
     type; learned-variance channels ignored; optional clipping), `cond_fn`
@@ -262,9 +264,7 @@ def _model_output(schedule: Schedule, model_fn, x: jax.Array, t: jax.Array, *, a
                                        clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
     if cond_fn is not None:
         out = sampling.condition_score(schedule, cond_fn, out, x, t, y=y)
-    if algorithm == "dpmsolver++":
-        return out.pred_xstart, out.pred_xstart
-    return gaussian.predict_eps_from_xstart(schedule, x, t, out.pred_xstart), out.pred_xstart
+    return out.pred_xstart, gaussian.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
 
 
 def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: tuple[int, ...], *, order: int = 2,
@@ -324,27 +324,30 @@ def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: 
 
     num_steps = schedule.num_timesteps
     plan = make_plan(num_steps, order=order, method=method)
-    a, c = coefficients(schedule, plan, algorithm=algorithm)
-    denoise = lambda x, t: _model_output(schedule, model_fn, x, t, algorithm=algorithm, mean_type=mean_type,
-                                         var_type=var_type, clip_denoised=clip_denoised, cond_fn=cond_fn, y=y,
-                                         denoised_fn=denoised_fn)
+    alpha_next, sigma_next, c = coefficients(schedule, plan, algorithm=algorithm)
+    denoise = lambda x, t: _model_output(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
+                                         clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
     report = sampling.progress_reporter(num_steps) if progress else None
+    starts_group = np.append(True, plan.ends_group[:-1])
 
     def body(carry, xs):
-        x_anchor, x, history = carry
-        k, a_k, c_k, ends_group = xs
-        t = jnp.full((x.shape[0],), num_steps - 1 - k, jnp.int32)
-        m, pred_xstart = denoise(x, t)
+        x, history, x0_anchor, eps_anchor = carry
+        k, alpha_b, sigma_b, c_k, is_anchor = xs
+        x0, eps = denoise(x, jnp.full((x.shape[0],), num_steps - 1 - k, jnp.int32))
+        m = x0 if algorithm == "dpmsolver++" else eps
         history = jnp.concatenate([m[None].astype(history.dtype), history[:2]])  # newest first
-        x = a_k * x_anchor + c_k[0] * history[0] + c_k[1] * history[1] + c_k[2] * history[2]
-        x_anchor = jnp.where(ends_group, x, x_anchor)
+        x0_anchor = jnp.where(is_anchor, x0, x0_anchor)
+        eps_anchor = jnp.where(is_anchor, eps, eps_anchor)
+        x = (x0_anchor * alpha_b + sigma_b * eps_anchor
+             + (c_k[0] * history[0] + c_k[1] * history[1] + c_k[2] * history[2]))
         if report is not None:
             report(k)
-        return (x_anchor, x, history), ((x, pred_xstart) if return_trajectory else None)
+        return (x, history, x0_anchor, eps_anchor), ((x, x0) if return_trajectory else None)
 
     ks = jnp.arange(num_steps, dtype=jnp.int32)
-    init = (x, x, jnp.zeros((3,) + x.shape, x.dtype))
-    (_, x, _), traj = jax.lax.scan(body, init, (ks, a, c, jnp.asarray(plan.ends_group)))
+    zeros = jnp.zeros(x.shape, x.dtype)
+    init = (x, jnp.zeros((3,) + x.shape, x.dtype), zeros, zeros)
+    (x, *_), traj = jax.lax.scan(body, init, (ks, alpha_next, sigma_next, c, jnp.asarray(starts_group)))
     if return_trajectory:
         return sampling.Trajectory(x, traj[0], traj[1])
     return x
