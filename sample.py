@@ -1,6 +1,7 @@
 """Sample images from a trained or converted diffusion model.
 
     python sample.py --workdir=runs/digits --num_samples=64 --timestep_respacing=100
+    python sample.py --workdir=runs/digits --sampler=dpm++2m --timestep_respacing=20
     python sample.py --workdir=converted/256x256_diffusion_uncond --use_ddim --timestep_respacing=ddim25 \
         --classifier_workdir=converted/256x256_classifier --classifier_scale=10
     python sample.py --workdir=runs/glide_digits --prompt="a handwritten seven" --cfg_scale=3 --num_samples=16
@@ -17,14 +18,18 @@ from absl import app, flags
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 from diffusion_jax.runtime import parallel
+from diffusion_jax.generation import samplers
 
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size (rounded up to a multiple of the device count).")
 flags.DEFINE_string("timestep_respacing", None, "'N', 'a,b,c' or 'ddimN'; default: the checkpoint's own.")
-flags.DEFINE_boolean("use_ddim", False, "DDIM instead of ancestral sampling.")
-flags.DEFINE_float("eta", 0.0, "DDIM eta (needs --use_ddim).")
-flags.DEFINE_boolean("clip_denoised", True, "Clip the x0 prediction to [-1, 1] at every step.")
+flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampling loop (default: ancestral, or ddim with "
+                  "--use_ddim); see diffusion_jax/generation/samplers.py.")
+flags.DEFINE_boolean("use_ddim", False, "Alias of --sampler=ddim.")
+flags.DEFINE_float("eta", 0.0, "DDIM eta (needs --sampler=ddim).")
+flags.DEFINE_boolean("clip_denoised", None, "Clip the x0 prediction to [-1, 1] at every step; default: the "
+                     "sampler's (on for ancestral/ddim, off for the DPM solvers).")
 flags.DEFINE_string("labels", None, "Comma list of classes (cycled), 'random' or 'null'; default random if needed.")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (model must have a null label).")
 flags.DEFINE_string("classifier_workdir", None, "Noisy classifier (workdir or converted dir) for guidance.")
@@ -56,22 +61,24 @@ def _prompts() -> tuple[str, ...]:
     return tuple(prompts)
 
 
+def _options():
+    """The flags as `program.SampleOptions` (every field of it is a flag of the same name)."""
+    import dataclasses
+
+    from diffusion_jax.generation import program
+
+    fields = {f.name for f in dataclasses.fields(program.SampleOptions)} & set(FLAGS)
+    values = {name: FLAGS[name].value for name in fields}
+    return program.SampleOptions(**dict(values, prompts=_prompts()))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from diffusion_jax.generation import program as sample_lib
+    from diffusion_jax.generation import program
 
-    opts = sample_lib.SampleOptions(
-        num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size, timestep_respacing=FLAGS.timestep_respacing,
-        use_ddim=FLAGS.use_ddim, eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised, labels=FLAGS.labels,
-        cfg_scale=FLAGS.cfg_scale, classifier_workdir=FLAGS.classifier_workdir,
-        classifier_scale=FLAGS.classifier_scale, seed=FLAGS.seed, ema_rate=FLAGS.ema_rate, out=FLAGS.out,
-        progress=FLAGS.progress, prompts=_prompts(), tokenizer_dir=FLAGS.tokenizer_dir,
-        upsampler_workdir=FLAGS.upsampler_workdir, upsample_respacing=FLAGS.upsample_respacing,
-        upsample_ddim=FLAGS.upsample_ddim, upsample_temp=FLAGS.upsample_temp)
-    paths = sample_lib.run(FLAGS.workdir, opts)
+    paths = program.run(FLAGS.workdir, _options())
     if paths is not None:
         print(f"wrote {paths[0]}")
         print(f"wrote {paths[1]}")

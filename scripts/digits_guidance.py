@@ -27,9 +27,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffusion_jax import guidance, sampling, schedules  # noqa: E402
-from diffusion_jax.runtime import checkpoints
-from diffusion_jax.training import grids as train_samples
 from diffusion_jax.data import pipeline  # noqa: E402
+from diffusion_jax.generation import engine, images as image_files  # noqa: E402
+from diffusion_jax.runtime import checkpoints  # noqa: E402
 
 
 def clean_classifier(data_dir=None):
@@ -80,13 +80,16 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     for name, model_fn, cond_fn in settings:
-        run = jax.jit(lambda rng, y, model_fn=model_fn, cond_fn=cond_fn: sampling.p_sample_loop(
-            rng, model_fn, sched, (len(labels), size, size, ch), mean_type=d["mean_type"], var_type=d["var_type"],
-            cond_fn=cond_fn, y=y))
-        images = np.asarray(train_samples.to_uint8(run(jax.random.key(args.seed), labels)))
+        def sample_fn(_, rng, ids, y, model_fn=model_fn, cond_fn=cond_fn):
+            return sampling.p_sample_loop(rng, model_fn, sched, (ids.shape[0], size, size, ch),
+                                          mean_type=d["mean_type"], var_type=d["var_type"], cond_fn=cond_fn, y=y,
+                                          sample_ids=ids)
+
+        images = engine.generate(sample_fn, len(labels), batch_size=len(labels), rng=jax.random.key(args.seed),
+                                 conditioning=np.asarray(labels), log=None).images
         acc = float(np.mean(predict(images) == np.asarray(labels)))
         results[name] = acc
-        train_samples.save_grid(images, os.path.join(args.out, f"{name}.png"), nrow=args.per_class)
+        image_files.write_png(os.path.join(args.out, f"{name}.png"), image_files.image_grid(images, nrow=args.per_class))
         print(f"{name:>14}: clean-classifier agreement with the requested class = {acc:.3f}", flush=True)
     with open(os.path.join(args.out, "accuracy.json"), "w") as f:
         json.dump(results, f, indent=2)

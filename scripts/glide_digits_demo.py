@@ -4,7 +4,7 @@
     python scripts/glide_digits_demo.py --workdir=runs/glide_digits --scales=1,3
 
 Samples `--num_per_prompt` images for each prompt "a handwritten zero" ...
-"a handwritten nine" with `sample_lib.run` (classifier-free guidance over
+"a handwritten nine" with `generation.program.run` (classifier-free guidance over
 captions at each scale), classifies them with a clean (t = 0) digits
 classifier and prints how often the classifier agrees with the prompt.
 
@@ -81,7 +81,7 @@ def main(argv):
     del argv
     import numpy as np
 
-    from diffusion_jax.generation import program as sample_lib
+    from diffusion_jax.generation import program
 
     predict, about = clean_classifier(FLAGS.classifier_workdir)
     print(f"clean classifier: {about}")
@@ -89,11 +89,11 @@ def main(argv):
     out_root = FLAGS.out or os.path.join(FLAGS.workdir, "demo")
     results = {}
     for scale in [float(s) for s in FLAGS.scales.split(",")]:
-        opts = sample_lib.SampleOptions(
+        opts = program.SampleOptions(
             num_samples=10 * FLAGS.num_per_prompt, batch_size=10 * FLAGS.num_per_prompt,
             timestep_respacing=FLAGS.timestep_respacing, cfg_scale=scale, prompts=prompts, seed=FLAGS.seed,
             out=os.path.join(out_root, f"cfg{scale:g}"), progress=False)
-        npz_path, png_path = sample_lib.run(FLAGS.workdir, opts, log=lambda s: None)
+        npz_path, png_path = program.run(FLAGS.workdir, opts, log=lambda s: None)
         with np.load(npz_path) as z:
             images, wanted = z["arr_0"], z["arr_1"]
         got = predict(images)

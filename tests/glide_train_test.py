@@ -140,7 +140,7 @@ class GlideTrainTest(absltest.TestCase):
             self.assertEqual(z["arr_0"].dtype, np.uint8)
             np.testing.assert_array_equal(z["arr_1"], [0, 1, 0])
             self.assertEqual(list(z["prompts"]), ["the digit 3", "a handwritten five"])
-        self.assertEqual(np.asarray(Image.open(npz[:-4] + ".png")).shape, (16, 16))
+        self.assertEqual(np.asarray(Image.open(npz[:-4] + ".png")).shape, (4 * 19, 4 * 19))  # 2x2 grid, x4
         # In process with another batch size: the same samples (a function of (seed, i)).
         opts = sample_lib.SampleOptions(num_samples=3, batch_size=16, timestep_respacing="3", cfg_scale=3.0,
                                         prompts=PROMPTS, out=os.path.join(self.tmp, "in_process"), progress=False)

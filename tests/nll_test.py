@@ -82,7 +82,7 @@ class NllRunnerTest(absltest.TestCase):
                  "valid": jnp.ones(8, bool)}
         outs = []
         for n, t_chunk in ((1, 10), (8, 4)):
-            mesh = nll.make_mesh(n, devices=jax.devices()[:n])
+            mesh = nll.make_mesh(n)
             step = nll.make_chain_fn(self.apply, self.schedule, mesh=mesh, t_chunk=t_chunk, class_cond=True, **KW)
             outs.append(step(self.params, nll.global_batch(mesh, batch), jax.random.key(3))[0])
         for a, b, name in zip(outs[0], outs[1], nll.NllBatch._fields):

@@ -1,4 +1,4 @@
-"""sample.py / sample_lib end to end on tiny converted checkpoints, and its input checks."""
+"""sample.py / generation.program end to end on tiny converted checkpoints, and its input checks."""
 
 import dataclasses
 import os
@@ -13,7 +13,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from diffusion_jax import convert, models
-from diffusion_jax.generation import program as sample_lib
+from diffusion_jax.generation import images, program
 
 jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
 
@@ -73,9 +73,9 @@ class SampleEndToEndTest(parameterized.TestCase):
 
     def test_writes_npz_and_png_with_cfg(self):
         out = os.path.join(self.tmp, "out_cfg")
-        opts = sample_lib.SampleOptions(num_samples=5, batch_size=4, timestep_respacing="3", labels="0,2",
+        opts = program.SampleOptions(num_samples=5, batch_size=4, timestep_respacing="3", labels="0,2",
                                         cfg_scale=2.0, seed=1, out=out, progress=False)
-        npz_path, png_path = sample_lib.run(self.cond_dir, opts, log=lambda s: None)
+        npz_path, png_path = program.run(self.cond_dir, opts, log=lambda s: None)
         self.assertEqual(npz_path, os.path.join(out, "samples_5x8x8x3.npz"))
         with np.load(npz_path) as z:
             images, labels = z["arr_0"], z["arr_1"]
@@ -83,13 +83,27 @@ class SampleEndToEndTest(parameterized.TestCase):
         self.assertEqual(images.dtype, np.uint8)
         np.testing.assert_array_equal(labels, [0, 2, 0, 2, 0])
         self.assertGreater(len(np.unique(images)), 10)
-        with Image.open(png_path) as im:
-            self.assertEqual(im.size, (3 * 8, 2 * 8))  # 3 columns x 2 rows
+        with Image.open(png_path) as im:  # 3 columns x 2 rows of 8 px images, 1 px lines, upscaled x4
+            self.assertEqual(im.size, (4 * (3 * 9 + 1), 4 * (2 * 9 + 1)))
         # Sample i depends only on (seed, i): a different batch size (and padding) agrees.
         opts2 = dataclasses.replace(opts, num_samples=3, batch_size=16, out=os.path.join(self.tmp, "out_cfg2"))
-        npz2, _ = sample_lib.run(self.cond_dir, opts2, log=lambda s: None)
+        npz2, _ = program.run(self.cond_dir, opts2, log=lambda s: None)
         with np.load(npz2) as z:
             np.testing.assert_array_equal(z["arr_0"], images[:3])
+
+    def test_samplers_from_the_table(self):
+        """--sampler=ddim is --use_ddim; a DPM solver keeps sample i a function of (seed, i)."""
+        base = dict(num_samples=3, timestep_respacing="4", labels="1,2", progress=False)
+        outs = {}
+        for name, kw in (("alias", {"use_ddim": True}), ("ddim", {"sampler": "ddim"}),
+                         ("dpm", {"sampler": "dpm++2m", "batch_size": 2}),
+                         ("dpm_big", {"sampler": "dpm++2m", "batch_size": 8})):
+            opts = program.SampleOptions(**base, **kw, out=os.path.join(self.tmp, f"out_{name}"))
+            with np.load(program.run(self.cond_dir, opts, log=lambda s: None)[0]) as z:
+                outs[name] = z["arr_0"]
+        np.testing.assert_array_equal(outs["alias"], outs["ddim"])
+        np.testing.assert_array_equal(outs["dpm"], outs["dpm_big"])
+        self.assertGreater(np.abs(outs["dpm"].astype(int) - outs["ddim"]).max(), 0)
 
     def test_cli_classifier_guided_ddim(self):
         """The real entry point: unconditional model + classifier, DDIM, on one CPU device."""
@@ -109,33 +123,31 @@ class SampleEndToEndTest(parameterized.TestCase):
             self.assertEqual(z["arr_0"].shape, (3, 8, 8, 3))
             self.assertTrue(np.all((z["arr_1"] >= 0) & (z["arr_1"] < 3)))
 
-    def test_fallback_loader_rejects_ema_and_non_checkpoints(self):
-        if not hasattr(sample_lib, "load_for_inference"):
-            self.skipTest("no loader")
+    def test_loader_rejects_non_checkpoints(self):
         with self.assertRaises((FileNotFoundError, ValueError)):
-            sample_lib.load_for_inference(os.path.join(self.tmp, "nowhere"))
+            program.load_for_inference(os.path.join(self.tmp, "nowhere"))
 
 
 class PlanValidationTest(parameterized.TestCase):
     """Bad input fails before anything is compiled, with a message naming the problem."""
 
     def _plan(self, model=UNET, classifier=None, **opts):
-        return sample_lib.make_plan(_cfg("unet", model), sample_lib.SampleOptions(**opts),
+        return program.make_plan(_cfg("unet", model), program.SampleOptions(**opts),
                                     None if classifier is None else _cfg("classifier", classifier))
 
     def test_valid_plans(self):
         plan = self._plan(labels="2,0", timestep_respacing="ddim5", cfg_scale=3.0)
         self.assertEqual(plan.schedule.num_timesteps, 5)
         self.assertEqual(plan.null_index, 3)
-        np.testing.assert_array_equal(sample_lib.labels_for(plan, 0, np.arange(5)), [2, 0, 2, 0, 2])
+        np.testing.assert_array_equal(program.labels_for(plan, 0, np.arange(5)), [2, 0, 2, 0, 2])
         plan = self._plan(labels="random")
-        a = sample_lib.labels_for(plan, 7, np.arange(10))
-        np.testing.assert_array_equal(sample_lib.labels_for(plan, 7, np.arange(4, 6)), a[4:6])
+        a = program.labels_for(plan, 7, np.arange(10))
+        np.testing.assert_array_equal(program.labels_for(plan, 7, np.arange(4, 6)), a[4:6])
         self.assertTrue(np.all((a >= 0) & (a < 3)))
         null = self._plan(labels="null")
-        np.testing.assert_array_equal(sample_lib.labels_for(null, 0, np.arange(3)), [3, 3, 3])
+        np.testing.assert_array_equal(program.labels_for(null, 0, np.arange(3)), [3, 3, 3])
         uncond = self._plan(model=dict(UNET, num_classes=None, null_label=False))
-        self.assertIsNone(sample_lib.labels_for(uncond, 0, np.arange(3)))
+        self.assertIsNone(program.labels_for(uncond, 0, np.arange(3)))
 
     @parameterized.named_parameters(
         ("label_out_of_range", {"labels": "0,3"}, "out of range"),
@@ -151,6 +163,9 @@ class PlanValidationTest(parameterized.TestCase):
         ("bad_respacing", {"timestep_respacing": "ddim1"}, "timestep_respacing"),
         ("too_many_steps", {"timestep_respacing": "500"}, "timestep_respacing"),
         ("eta_without_ddim", {"eta": 0.5}, "use_ddim"),
+        ("eta_with_dpm", {"eta": 0.5, "sampler": "dpm++3m"}, "sampler=ddim"),
+        ("unknown_sampler", {"sampler": "heun"}, "not a sampler"),
+        ("ddim_alias_conflict", {"use_ddim": True, "sampler": "dpm2s"}, "alias"),
         ("no_samples", {"num_samples": 0}, "num_samples"),
     )
     def test_errors(self, kwargs, message):
@@ -159,13 +174,20 @@ class PlanValidationTest(parameterized.TestCase):
 
     def test_rejects_non_unet(self):
         with self.assertRaisesRegex(ValueError, "unet"):
-            sample_lib.make_plan(_cfg("classifier", CLASSIFIER), sample_lib.SampleOptions())
+            program.make_plan(_cfg("classifier", CLASSIFIER), program.SampleOptions())
+
+    def test_plan_sampler(self):
+        self.assertEqual(self._plan().sampler, program.samplers.Choice("ancestral", True))
+        self.assertEqual(self._plan(sampler="dpm++2m").sampler.clip_denoised, False)
+        self.assertEqual(self._plan(use_ddim=True, eta=0.5, clip_denoised=False).sampler,
+                         program.samplers.Choice("ddim", False, 0.5))
 
     def test_grid(self):
         imgs = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
-        grid = sample_lib.image_grid(imgs)
-        self.assertEqual(grid.shape, (4, 6, 1))
-        np.testing.assert_array_equal(grid[2:4, 0:2], imgs[3])
+        grid = images.image_grid(imgs, upscale=1)  # ceil(sqrt(5)) = 3 columns, 2 rows, 1 px white lines
+        self.assertEqual(grid.shape, (2 * 3 + 1, 3 * 3 + 1, 1))
+        np.testing.assert_array_equal(grid[4:6, 1:3], imgs[3])
+        self.assertTrue((grid[0] == 255).all() and (grid[:, 3] == 255).all())
 
 
 if __name__ == "__main__":

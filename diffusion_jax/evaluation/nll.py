@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import gaussian, likelihood
+from diffusion_jax.runtime.parallel import global_batch, make_mesh  # re-exported: evaluation.make_mesh
 from diffusion_jax.schedules import Schedule
 
 # (params, x [N, H, W, C], model timesteps [N], y [N] | None) -> model output [N, H, W, C or 2C]
@@ -160,13 +161,6 @@ def reduce_chain(terms: ChainTerms, valid: jax.Array) -> NllBatch:
         xstart_mse_t=jnp.sum(terms.xstart_mse * w, 0))
 
 
-def make_mesh(num_devices: int | None = None, devices=None) -> jax.sharding.Mesh:
-    """1-D ('data',) mesh over the first `num_devices` devices (default: all, every host)."""
-    n = num_devices or jax.device_count()
-    kwargs = {} if devices is None else {"devices": devices}
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), **kwargs)
-
-
 def _batch_parts(batch: dict):
     x = batch["image"]
     y = batch.get("label")
@@ -210,12 +204,6 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
 
     repl = NamedSharding(mesh, P())
     return jax.jit(step, out_shardings=(NllBatch(*([repl] * 8)), repl, repl))
-
-
-def global_batch(mesh: jax.sharding.Mesh, local: dict) -> dict:
-    """Host-local rows -> global arrays sharded over 'data' (multi-host safe)."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
 # ----------------------------------------------------------------------------- K-step estimate

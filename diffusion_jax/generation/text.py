@@ -1,7 +1,7 @@
 """`sample.py --prompt ...` for GLIDE text models: caption-guided sampling, optional upsampling.
 
 Sample i gets prompt `prompts[i % len(prompts)]`; its noise is a function of
-(seed, i) only, as for class-conditional sampling (`sample_lib`). Each batch's
+(seed, i) only, as for class-conditional sampling (`generation.program`). Each batch's
 captions (and the empty caption) are encoded once, outside the compiled
 sampling loop (`text_conditioning.text_model_fn`). With `--cfg_scale`:
 classifier-free guidance over captions, `eps(empty) + s * (eps(caption) -
@@ -26,11 +26,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import sampling, schedules, text
+from diffusion_jax.generation import engine, images, samplers
 from diffusion_jax.runtime import text_conditioning as tc
+from diffusion_jax.runtime.checkpoints import load_for_inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,7 @@ class TextPlan:
     text_ctx: int
     tokenizer: Any
     cfg_scale: float | None
-    use_ddim: bool
-    eta: float
+    sampler: samplers.Choice
     noise_scale: float = 1.0  # x_T multiplier (GLIDE's upsampler: 0.997)
     low_res: bool = False  # an upsampler: takes the previous stage's images
 
@@ -104,13 +103,12 @@ def make_text_plan(cfg: dict, opts, tokenizer) -> TextPlan:
         raise ValueError("--labels and --classifier_workdir apply to class-conditional models, not text models")
     if opts.num_samples < 1 or opts.batch_size < 1:
         raise ValueError(f"--num_samples and --batch_size must be >= 1 (got {opts.num_samples}, {opts.batch_size})")
-    if opts.eta != 0.0 and not opts.use_ddim:
-        raise ValueError(f"--eta={opts.eta} only applies to DDIM: add --use_ddim")
+    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
     diff = cfg["diffusion"]
     respacing = diff.get("timestep_respacing", "") if opts.timestep_respacing is None else opts.timestep_respacing
     return TextPlan(_schedule(diff, respacing, "--timestep_respacing"), diff["mean_type"], diff["var_type"],
                     _image_shape(cfg, False), tuple(opts.prompts), int(cfg["model"]["text_ctx"]), tokenizer,
-                    opts.cfg_scale, opts.use_ddim, opts.eta)
+                    opts.cfg_scale, sampler)
 
 
 def make_upsample_plan(cfg: dict, opts, tokenizer, base_shape: tuple[int, int, int]) -> TextPlan:
@@ -124,7 +122,8 @@ def make_upsample_plan(cfg: dict, opts, tokenizer, base_shape: tuple[int, int, i
                          f"model samples {base_shape}")
     return TextPlan(_schedule(cfg["diffusion"], opts.upsample_respacing, "--upsample_respacing"),
                     cfg["diffusion"]["mean_type"], cfg["diffusion"]["var_type"], shape, tuple(opts.prompts),
-                    int(cfg["model"]["text_ctx"]), tokenizer, None, opts.upsample_ddim, 0.0,
+                    int(cfg["model"]["text_ctx"]), tokenizer, None,
+                    samplers.choose("ddim" if opts.upsample_ddim else "ancestral", flag="--upsample_ddim"),
                     noise_scale=opts.upsample_temp, low_res=True)
 
 
@@ -134,72 +133,69 @@ def prompt_index(plan: TextPlan, sample_ids: np.ndarray) -> np.ndarray:
 
 
 def make_text_sample_fn(module, plan: TextPlan, progress: bool) -> Callable:
-    """`fn(params, rng, sample_ids [B], tokens [B, L], mask [B, L], low_res) -> float32 [B, H, W, C]`."""
-    null = tc.null_caption(plan.tokenizer, plan.text_ctx)
+    """The engine's per-batch function for one text stage.
 
-    def fn(params, rng, sample_ids, tokens, mask, low_res):
-        fixed = {"low_res": low_res} if plan.low_res else {}
-        model_fn, y = tc.text_model_fn(module, params, tokens, mask, null=null, cfg_scale=plan.cfg_scale, **fixed)
+    Returns:
+      `fn(params, rng, sample_ids [B], cond) -> x [B, H, W, C]` in [-1, 1];
+      `cond` = {"tokens" [B, L], "mask" [B, L]} (+ "low_res" [B, h, w, C] in
+      [-1, 1] for upsamplers).  GLIDE's upsampler starts from x_T * noise_scale.
+    """
+    null = tc.null_caption(plan.tokenizer, plan.text_ctx)
+    loop = samplers.make_loop(plan.sampler)
+
+    def fn(params, rng, sample_ids, cond):
+        fixed = {"low_res": cond["low_res"]} if plan.low_res else {}
+        model_fn, y = tc.text_model_fn(module, params, cond["tokens"], cond["mask"], null=null,
+                                       cfg_scale=plan.cfg_scale, **fixed)
         shape = (sample_ids.shape[0],) + plan.image_shape
         x_T = None
         if plan.noise_scale != 1.0:
             x_T = sampling.initial_noise(sampling.sample_keys(rng, sample_ids), shape) * plan.noise_scale
-        kw = {"mean_type": plan.mean_type, "var_type": plan.var_type, "y": y, "sample_ids": sample_ids,
-              "x_T": x_T, "progress": progress}
-        if plan.use_ddim:
-            return sampling.ddim_sample_loop(rng, model_fn, plan.schedule, shape, eta=plan.eta, **kw)
-        return sampling.p_sample_loop(rng, model_fn, plan.schedule, shape, **kw)
+        return loop(rng, model_fn, plan.schedule, shape, mean_type=plan.mean_type, var_type=plan.var_type, y=y,
+                    sample_ids=sample_ids, x_T=x_T, progress=progress)
 
     return fn
 
 
+def text_conditioning(plan: TextPlan, low_res: np.ndarray | None = None) -> Callable[[np.ndarray], dict]:
+    """`ids [B] -> {"tokens", "mask"[, "low_res"]}` of global sample ids (the engine's conditioning).
+
+    Captions cycle over `plan.prompts`; `low_res` uint8 `[N, h, w, C]` previous-stage
+    images become floats on their 8-bit grid, `x / 127.5 - 1`.
+    """
+    def cond(ids):
+        out = tc.caption_batch(plan.tokenizer, np.asarray(plan.prompts)[prompt_index(plan, ids)], plan.text_ctx)
+        if plan.low_res:
+            out["low_res"] = np.asarray(low_res[ids], np.float32) / 127.5 - 1.0
+        return out
+
+    return cond
+
+
 def generate_text(module, params, plan: TextPlan, opts, *, stage: int = 0, low_res: np.ndarray | None = None,
                   log: Callable[[str], None] = print) -> np.ndarray:
-    """`opts.num_samples` uint8 images `[N, H, W, C]`, sharded over every device (same on every host).
+    """`opts.num_samples` uint8 images `[N, H, W, C]` through `engine.generate` (same on every host).
 
     `low_res`: uint8 `[N, h, w, C]` previous-stage images (upsamplers); `stage` picks the key
     (`fold_in(key(seed), stage)`), so the stages draw independent noise.
     """
-    from diffusion_jax.generation import program as sample_lib
-
-    mesh = sample_lib.make_mesh()
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    n_dev = jax.device_count()
-    global_batch = -(-opts.batch_size // n_dev) * n_dev
-    num_batches = -(-opts.num_samples // global_batch)
-    fn = jax.jit(make_text_sample_fn(module, plan, opts.progress), in_shardings=(repl, repl, data, data, data, data),
-                 out_shardings=data)
-    params = jax.device_put(params, repl)
-    rng = jax.device_put(jax.random.fold_in(jax.random.key(opts.seed), stage), repl)
-    start, stop = sample_lib._local_range(data, global_batch)
-    n = opts.num_samples
-    images = []
-    for b in range(num_batches):
-        ids = np.arange(b * global_batch + start, b * global_batch + stop, dtype=np.int32)
-        captions = np.asarray(plan.prompts)[prompt_index(plan, ids)]
-        cond = tc.caption_batch(plan.tokenizer, captions, plan.text_ctx)
-        put = lambda a: jax.make_array_from_process_local_data(data, a, (global_batch,) + a.shape[1:])
-        lr = None
-        if plan.low_res:
-            lr = put(np.asarray(low_res[np.minimum(ids, n - 1)], np.float32) / 127.5 - 1.0)  # 8-bit grid
-        out = fn(params, rng, put(ids), put(cond["tokens"]), put(cond["mask"]), lr)
-        images.append(sample_lib._gather(sample_lib.to_uint8(out)))
-        log(f"{'upsample ' if plan.low_res else ''}batch {b + 1}/{num_batches}: "
-            f"{min((b + 1) * global_batch, n)} samples")
-    return np.concatenate(images)[:n]
+    out = engine.generate(make_text_sample_fn(module, plan, opts.progress), opts.num_samples,
+                          batch_size=opts.batch_size, rng=jax.random.fold_in(jax.random.key(opts.seed), stage),
+                          args=params, conditioning=text_conditioning(plan, low_res), log=log,
+                          desc="upsample " if plan.low_res else "")
+    return out.images
 
 
 def run_text(module, params, cfg: dict, workdir: str, opts, log: Callable[[str], None] = print):
     """Base stage (+ optional upsampler) for a GLIDE model; writes files on process 0."""
-    from diffusion_jax.generation import program as sample_lib
-
     plan = make_text_plan(cfg, opts, load_tokenizer(cfg, opts.tokenizer_dir))
-    images = generate_text(module, params, plan, opts, log=log)
+    samples = generate_text(module, params, plan, opts, log=log)
     base = None
     if opts.upsampler_workdir:
-        up_module, up_params, up_cfg = sample_lib.load_for_inference(opts.upsampler_workdir)
+        up_module, up_params, up_cfg = load_for_inference(opts.upsampler_workdir)
         up_plan = make_upsample_plan(up_cfg, opts, load_tokenizer(up_cfg, opts.tokenizer_dir), plan.image_shape)
-        base, images = images, generate_text(up_module, up_params, up_plan, opts, stage=2, low_res=images, log=log)
+        base, samples = samples, generate_text(up_module, up_params, up_plan, opts, stage=2, low_res=samples,
+                                               log=log)
     if jax.process_index() != 0:
         return None
     out = opts.out or os.path.join(workdir, "samples")
@@ -207,5 +203,5 @@ def run_text(module, params, cfg: dict, workdir: str, opts, log: Callable[[str],
     index = prompt_index(plan, np.arange(opts.num_samples))
     if base is not None:
         base_dir = os.path.join(os.path.dirname(out) if out.endswith(".npz") else out, "base")
-        sample_lib.write_outputs(base, index, base_dir, opts.max_grid_images, extra=extra)
-    return sample_lib.write_outputs(images, index, out, opts.max_grid_images, extra=extra)
+        images.write_samples(base_dir, base, index, max_grid_images=opts.max_grid_images, extra=extra)
+    return images.write_samples(out, samples, index, max_grid_images=opts.max_grid_images, extra=extra)

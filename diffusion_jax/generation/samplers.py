@@ -1,0 +1,102 @@
+"""The sampler table: `sample.py --sampler=NAME` and the training grids pick a loop here.
+
+Adding a sampler is one entry in `SAMPLERS`: the loop (any function called as
+`loop(rng, model_fn, schedule, shape, *, mean_type, var_type, clip_denoised,
+cond_fn, y, sample_ids, x_T, progress)`), the options bound to it, its
+`clip_denoised` default and whether it takes DDIM's `eta`.
+
+- "ancestral": `sampling.p_sample_loop` (Ho et al. 2020, Eq. 11; OpenAI's `p_sample_loop`).
+- "ddim": `sampling.ddim_sample_loop` (Song et al. 2021, Eq. 12; `eta` > 0 adds noise).
+- "dpm++2m" / "dpm++3m": `sampling.dpm_solver_sample_loop`, multistep DPM-Solver++ of order 2 / 3
+  (Lu et al. 2022b, Alg. 2).
+- "dpm2s": singlestep DPM-Solver++ of order 2 (Lu et al. 2022b, Alg. 1).
+
+OpenAI's ancestral and DDIM loops clip the x0 prediction to [-1, 1] by default;
+DPM-Solver is analysed without thresholding, so its entries default to no
+clipping.  `--clip_denoised` / `--noclip_denoised` override either default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Mapping
+
+from diffusion_jax import sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One row of the table: a loop, its bound options, its defaults."""
+
+    loop: Callable
+    options: Mapping = dataclasses.field(default_factory=dict)
+    clip_denoised: bool = True  # default of --clip_denoised for this sampler
+    takes_eta: bool = False  # DDIM's eta applies
+
+
+def _dpm(order: int, method: str) -> Sampler:
+    options = types.MappingProxyType({"order": order, "method": method, "algorithm": "dpmsolver++"})
+    return Sampler(sampling.dpm_solver_sample_loop, options, clip_denoised=False)
+
+
+SAMPLERS: Mapping[str, Sampler] = types.MappingProxyType({
+    "ancestral": Sampler(sampling.p_sample_loop),
+    "ddim": Sampler(sampling.ddim_sample_loop, takes_eta=True),
+    "dpm++2m": _dpm(2, "multistep"),
+    "dpm++3m": _dpm(3, "multistep"),
+    "dpm2s": _dpm(2, "singlestep"),
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """A validated sampler choice: the table name plus the values of its options."""
+
+    name: str
+    clip_denoised: bool
+    eta: float = 0.0
+
+
+def choose(sampler: str | None = None, *, use_ddim: bool = False, eta: float = 0.0,
+           clip_denoised: bool | None = None, flag: str = "--sampler") -> Choice:
+    """Resolve the sampling options of a program into a `Choice`.
+
+    Args:
+      sampler: a `SAMPLERS` name; None means "ddim" with `use_ddim`, else "ancestral".
+      use_ddim: the older switch, an alias of `sampler="ddim"`.
+      eta: DDIM's eta (only with "ddim").
+      clip_denoised: clip x0 predictions to [-1, 1]; None takes the sampler's default.
+      flag: the option's name in error messages.
+
+    Raises:
+      ValueError: an unknown name, `use_ddim` with another sampler, or `eta`
+        given to a sampler without one (or negative).
+    """
+    if sampler is None:
+        sampler = "ddim" if use_ddim else "ancestral"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{flag}={sampler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
+    if use_ddim and sampler != "ddim":
+        raise ValueError(f"--use_ddim is an alias of {flag}=ddim; it conflicts with {flag}={sampler}")
+    row = SAMPLERS[sampler]
+    if eta != 0.0 and not row.takes_eta:
+        raise ValueError(f"--eta={eta} only applies to DDIM: use {flag}=ddim (or --use_ddim)")
+    if eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {eta}")
+    return Choice(sampler, row.clip_denoised if clip_denoised is None else bool(clip_denoised), float(eta))
+
+
+def make_loop(choice: Choice) -> Callable:
+    """The chosen loop with its table options, `clip_denoised` and `eta` bound.
+
+    Returns:
+      `loop(rng, model_fn, schedule, shape, *, mean_type, var_type, cond_fn=None,
+      y=None, sample_ids=None, x_T=None, progress=False)` -> samples `[B, H, W, C]`.
+    """
+    row = SAMPLERS[choice.name]
+    kwargs = dict(row.options, clip_denoised=choice.clip_denoised)
+    if row.takes_eta:
+        kwargs["eta"] = choice.eta
+    return functools.partial(row.loop, **kwargs)
