@@ -172,3 +172,77 @@ class TimestepSamplerTest(parameterized.TestCase):
         self.assertTrue((counts > 800).all())
         with pytest.raises(ValueError, match="unknown schedule sampler 'lsm'"):
             objectives.make_timestep_sampler("lsm", 10)
+
+
+class VAndMinSnrTest(parameterized.TestCase):
+    """v-prediction loss and min-SNR-gamma weights against float64 NumPy formulas."""
+
+    def _setup(self, c=3):
+        s = schedules.make_schedule("cosine", 100, "40")
+        abar = np.cumprod(1 - schedules.respace_betas(schedules.get_named_beta_schedule("cosine", 100),
+                                                      schedules.space_timesteps(100, "40"))[0])
+        k = jax.random.split(jax.random.key(2), 3)
+        x0 = jnp.clip(jax.random.normal(k[0], (4, 4, 4, c)), -1, 1)
+        noise = jax.random.normal(k[1], x0.shape)
+        mo = 0.5 * jax.random.normal(k[2], (4, 4, 4, 2 * c))
+        t = jnp.array([0, 5, 21, 39], jnp.int32)
+        x_t = gaussian.q_sample(s, x0, t, noise)
+        return s, abar, x0, noise, mo, t, x_t
+
+    def test_min_snr_weight_formulas(self):
+        snr = np.exp(np.random.RandomState(0).uniform(-12, 12, size=64))
+        for gamma in (0.5, 5.0, 40.0):
+            clamp = np.minimum(snr, gamma)
+            want = {"epsilon": clamp / snr, "start_x": clamp, "v": clamp / (snr + 1)}
+            for mean_type, w in want.items():
+                got = objectives.min_snr_weight(jnp.asarray(snr, jnp.float32), gamma, mean_type)
+                np.testing.assert_allclose(got, w, rtol=2e-6)
+        np.testing.assert_array_equal(objectives.min_snr_weight(jnp.asarray(snr, jnp.float32), 0.0, "v"), 1.0)
+
+    @parameterized.product(mean_type=["epsilon", "start_x", "v"], gamma=[0.0, 5.0])
+    def test_weighted_mse_and_unweighted_vb(self, mean_type, gamma):
+        s, abar, x0, noise, mo, t, x_t = self._setup()
+        kw = dict(mean_type=mean_type, var_type="learned_range", loss_type="rescaled_mse")
+        got = objectives.training_losses(s, mo, x0, x_t, t, noise, snr_gamma=gamma, **kw)
+        plain = objectives.training_losses(s, mo, x0, x_t, t, noise, **kw)
+        a = abar[np.asarray(t)].reshape(-1, 1, 1, 1)
+        x0_, n_ = np.asarray(x0, np.float64), np.asarray(noise, np.float64)
+        target = {"epsilon": n_, "start_x": x0_, "v": np.sqrt(a) * n_ - np.sqrt(1 - a) * x0_}[mean_type]
+        mse = np.mean((target - np.asarray(mo[..., :3], np.float64)) ** 2, axis=(1, 2, 3))
+        snr = abar[np.asarray(t)] / (1 - abar[np.asarray(t)])
+        clamp = np.minimum(snr, gamma)
+        w = 1.0 if gamma == 0 else {"epsilon": clamp / snr, "start_x": clamp, "v": clamp / (snr + 1)}[mean_type]
+        np.testing.assert_allclose(got.mse, w * mse, rtol=1e-5)
+        np.testing.assert_allclose(got.vb, plain.vb, rtol=1e-6)  # the VLB term is not reweighted
+        np.testing.assert_allclose(got.loss, got.mse + got.vb, rtol=1e-6)
+        np.testing.assert_allclose(objectives.snr(s, t), snr, rtol=1e-5)
+
+    def test_v_vb_term_uses_detached_mean_and_matches_eps(self):
+        s, abar, x0, noise, mo, t, x_t = self._setup()
+
+        def vb_sum(out):
+            return jnp.sum(objectives.training_losses(s, out, x0, x_t, t, noise, mean_type="v",
+                                                      var_type="learned_range", loss_type="rescaled_mse").vb)
+
+        g = jax.grad(vb_sum)(mo)
+        np.testing.assert_array_equal(g[..., :3], 0.0)
+        self.assertGreater(float(jnp.abs(g[..., 3:]).sum()), 0.0)
+        # The same prediction as eps and as v gives the same vb term.
+        a = jnp.asarray(abar[np.asarray(t)].reshape(-1, 1, 1, 1), jnp.float32)
+        eps_hat = mo[..., :3]
+        x0_hat = (x_t - jnp.sqrt(1 - a) * eps_hat) / jnp.sqrt(a)
+        v_out = jnp.concatenate([jnp.sqrt(a) * eps_hat - jnp.sqrt(1 - a) * x0_hat, mo[..., 3:]], -1)
+        kw = dict(var_type="learned_range", loss_type="rescaled_kl")
+        vb_eps = objectives.training_losses(s, mo, x0, x_t, t, noise, mean_type="epsilon", **kw).vb
+        vb_v = objectives.training_losses(s, v_out, x0, x_t, t, noise, mean_type="v", **kw).vb
+        np.testing.assert_allclose(vb_v[1:], vb_eps[1:], rtol=2e-3)
+
+    def test_bad_snr_gamma(self):
+        s, _, x0, noise, mo, t, x_t = self._setup()
+        kw = dict(var_type="learned_range", loss_type="mse")
+        with pytest.raises(ValueError, match="snr_gamma must be >= 0.*0 turns min-SNR weighting off"):
+            objectives.training_losses(s, mo, x0, x_t, t, noise, mean_type="epsilon", snr_gamma=-1.0, **kw)
+        with pytest.raises(ValueError, match="not 'previous_x'; set snr_gamma=0"):
+            objectives.training_losses(s, mo, x0, x_t, t, noise, mean_type="previous_x", snr_gamma=5.0, **kw)
+        with pytest.raises(ValueError, match="snr_gamma must be >= 0"):
+            objectives.min_snr_weight(jnp.ones(3), -0.1, "v")
