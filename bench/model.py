@@ -5,7 +5,7 @@ Reference network: image 32, model_channels 64, 2 res blocks, attention at
 channel_mult (1, 2, 2, 2), batch 8. OpenAI's PyTorch forward took ~281 ms on
 the 2-core CPU machine this was written on.
 
-    python bench/model.py [--runs 5] [--dtype float32|bfloat16] [--remat]
+    python bench/model.py [--runs 5] [--dtype float32|bfloat16] [--remat] [--kernels auto|cpu|xla]
         [--xla_flags "--xla_cpu_..."]
 
 ``--xla_flags`` is appended to ``XLA_FLAGS`` before JAX is imported (this
@@ -37,13 +37,13 @@ def parse_args(argv=None):
         "--xla_flags", default="", help="extra XLA_FLAGS, set before importing jax"
     )
     ap.add_argument("--skip_backward", action="store_true")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "cpu", "xla"),
+                    help="the U-Net's GroupNorm/attention/upsample forms (diffusion_jax.models.kernels)")
     return ap.parse_args(argv)
 
 
 def _timed(fn, *args, runs: int):
     """(compile_s, [run_s...]): AOT-compile, then time `runs` calls."""
-    from diffusion_jax.runtime.xla_flags import set_cpu_flags
-    set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     import jax
 
     t0 = time.perf_counter()
@@ -65,6 +65,9 @@ def main(argv=None):
             os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags
         ).strip()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from diffusion_jax.runtime.xla_flags import set_cpu_flags
+
+    set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     import jax
     import jax.numpy as jnp
 
@@ -81,6 +84,7 @@ def main(argv=None):
         use_scale_shift_norm=True,
         use_checkpoint=args.remat,
         dtype=args.dtype,
+        kernels=args.kernels,
     )
     kx, kp = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (args.batch, 32, 32, 3))
@@ -96,7 +100,7 @@ def main(argv=None):
 
     print(
         f"backend={jax.default_backend()} devices={jax.device_count()} dtype={args.dtype} "
-        f"remat={args.remat} batch={args.batch} params={n:,}"
+        f"remat={args.remat} batch={args.batch} kernels={args.kernels} params={n:,}"
     )
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     cases = [("forward", fwd)] + (
