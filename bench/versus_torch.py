@@ -1,20 +1,32 @@
-"""Our compiled steps against the PyTorch peer (bench/openai_torch.py), interleaved in one process.
+"""Our compiled steps against OpenAI's own improved-diffusion, interleaved call by call in one process.
+
+The peer is OpenAI's code itself, not a re-implementation: point ``--openai_repo``
+at a checkout of github.com/openai/improved-diffusion (nothing of it is vendored
+here). Its modules import ``mpi4py`` and ``blobfile`` at the top; single-process
+timing uses neither, so stand-ins are registered when they are missing, and a
+1-process gloo group stands in for MPI (``TrainLoop`` asks for the world size).
 
 On a shared machine absolute timings drift by 2x within minutes; timing both
 sides alternately, call by call, makes their ratio trustworthy. For each mode
-the two sides run the same network (reference benchmark config, batch 8) and
-the same work:
+the two sides run the same network (reference benchmark config of
+``bench/train.py``: 32 px, 64 channels, 2 res blocks, attention at 16 px,
+learned sigma, scale-shift norm, cosine T = 1000, L_hybrid; batch 8) and the
+same work:
 
-- forward: one batch-8 forward pass.
-- train:   one L_hybrid training step (forward, backward, AdamW, EMA).
-- sample:  one ancestral step (``p_sample``); ours is measured inside the
-           compiled chain (``sampling.p_sample_loop`` over ``--chain`` steps,
-           divided by the step count), theirs is one Python-loop iteration.
-- nll:     one timestep of the full-chain NLL for 8 images; ours evaluates
-           ``--t_chunk`` timesteps per forward (``nll.terms_at``) and is
-           divided by ``--t_chunk``, theirs is one ``calc_bpd_loop`` iteration.
+- forward: one batch-8 forward pass (theirs: ``UNetModel.forward``).
+- train:   one training step (theirs: ``TrainLoop.run_step``: uniform t,
+           ``training_losses``, backward, grad norm, AdamW, EMA, logging).
+- sample:  one ancestral step (theirs: ``SpacedDiffusion.p_sample``); ours is
+           measured inside the compiled chain (``sampling.p_sample_loop`` over
+           ``--chain`` steps, divided by the step count).
+- nll:     one timestep of the full-chain NLL for 8 images (theirs: one
+           iteration of ``calc_bpd_loop``'s body: ``q_sample``,
+           ``_vb_terms_bpd``, ``_predict_eps_from_xstart``); ours evaluates
+           ``--t_chunk`` timesteps per forward (``nll.terms_at``) and is divided
+           by ``--t_chunk``.
 
-    python bench/versus_torch.py [--modes forward,train,sample,nll] [--rounds 5] [--threads 2]
+    python bench/versus_torch.py --openai_repo=/path/to/improved-diffusion \
+        [--modes forward,train,sample,nll] [--rounds 5] [--threads 2]
 
 Prints per mode: each side's median and min, and torch/jax (>1 means we are faster).
 """
@@ -42,39 +54,83 @@ from diffusion_jax.training import steps as train_steps
 from diffusion_jax.evaluation import nll  # noqa: E402
 
 
-def _load(name):
+def _load(name):  # a sibling bench script
     spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def torch_side(mode: str, batch: int):
-    """A zero-argument callable doing one unit of `mode`'s work with the PyTorch peer."""
-    pt = _load("openai_torch")
-    th = pt.th
+# improved-diffusion's flags for the reference config (script_util.create_model_and_diffusion).
+OPENAI_FLAGS = dict(
+    image_size=32, num_channels=64, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+    attention_resolutions="16", dropout=0.0, learn_sigma=True, sigma_small=False, class_cond=False,
+    diffusion_steps=1000, noise_schedule="cosine", timestep_respacing="", use_kl=False, predict_xstart=False,
+    rescale_timesteps=False, rescale_learned_sigmas=True, use_checkpoint=False, use_scale_shift_norm=True)
+
+
+def _import_openai(repo: str):
+    """improved_diffusion's (script_util, train_util, logger) from a checkout, runnable in one process."""
+    import types
+
+    import torch.distributed as dist
+
+    if not os.path.isdir(os.path.join(repo, "improved_diffusion")):
+        raise SystemExit(f"--openai_repo={repo}: no improved_diffusion/ package there; "
+                         "clone https://github.com/openai/improved-diffusion and pass its path")
+    sys.path.insert(0, repo)
+    for name in ("mpi4py", "blobfile"):  # imported at module level, unused in one process
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            stub = types.ModuleType(name)
+            stub.MPI = types.SimpleNamespace(COMM_WORLD=types.SimpleNamespace(Get_rank=lambda: 0, Get_size=lambda: 1))
+            sys.modules[name] = stub
+    from improved_diffusion import logger, script_util, train_util
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    logger.configure(dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "versus_torch_log"), format_strs=[])
+    return script_util, train_util
+
+
+def torch_side(mode: str, batch: int, repo: str):
+    """A zero-argument callable doing one unit of `mode`'s work with OpenAI's own code."""
+    import torch as th
+
+    script_util, train_util = _import_openai(repo)
     th.manual_seed(0)
-    model = pt.UNetModel(**pt.CONFIG).train(mode == "train")
-    diffusion = pt.GaussianDiffusion(pt.cosine_betas(pt.NUM_TIMESTEPS))
+    model, diffusion = script_util.create_model_and_diffusion(**OPENAI_FLAGS)
+    model.train(mode == "train")
+    steps = diffusion.num_timesteps
     x_start = th.randint(0, 256, (batch, 3, 32, 32)).float() / 127.5 - 1
-    state = {"x": th.randn(batch, 3, 32, 32), "t": pt.NUM_TIMESTEPS}
-    ts = th.randint(0, pt.NUM_TIMESTEPS, (batch,))
+    state = {"x": th.randn(batch, 3, 32, 32), "t": steps}
+    ts = th.randint(0, steps, (batch,))
 
     def next_t():
-        state["t"] = (state["t"] - 1) % pt.NUM_TIMESTEPS
+        state["t"] = (state["t"] - 1) % steps
         return th.tensor([state["t"]] * batch)
 
     if mode == "forward":
         return th.no_grad()(lambda: model(state["x"], ts))
     if mode == "train":
-        step = pt.TrainStep(model, diffusion)
-        return lambda: step(x_start)
+        loop = train_util.TrainLoop(model=model, diffusion=diffusion, data=None, batch_size=batch, microbatch=-1,
+                                    lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=10**9,
+                                    resume_checkpoint="")
+        return lambda: loop.run_step(x_start, {})
     if mode == "sample":
         def sample():
             with th.no_grad():
-                state["x"] = diffusion.p_sample(model, state["x"], next_t())["sample"]
+                state["x"] = diffusion.p_sample(model, state["x"], next_t(), clip_denoised=True)["sample"]
         return sample
-    return th.no_grad()(lambda: diffusion.calc_bpd_step(model, x_start, next_t()))
+
+    def nll_step():  # the body of GaussianDiffusion.calc_bpd_loop for one t
+        with th.no_grad():
+            t_batch = next_t()
+            noise = th.randn_like(x_start)
+            x_t = diffusion.q_sample(x_start=x_start, t=t_batch, noise=noise)
+            out = diffusion._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t_batch, clip_denoised=True)
+            eps = diffusion._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
+            return ((eps - noise) ** 2).mean(dim=(1, 2, 3)), out["output"]
+    return nll_step
 
 
 def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
@@ -123,6 +179,7 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--openai_repo", required=True, help="a checkout of github.com/openai/improved-diffusion")
     ap.add_argument("--modes", default="forward,train,sample,nll")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
@@ -141,7 +198,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         ours, units = jax_side(mode, args.batch, args.chain, args.t_chunk)
         setup_s = time.perf_counter() - t0
-        theirs = torch_side(mode, args.batch)
+        theirs = torch_side(mode, args.batch, args.openai_repo)
         jax.block_until_ready(ours())  # warm-up
         theirs()
         times = {"torch": [], "jax": []}
