@@ -6,7 +6,6 @@ import shutil
 import sys
 import tempfile
 
-import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
@@ -14,7 +13,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from diffusion_jax import data
-from diffusion_jax.data import digits, folders
+from diffusion_jax.data import digits, folders, stream
 
 DATA_DIR = os.environ.get("TFDS_DATA_DIR")  # tests/.tfds (conftest.py).
 
@@ -276,24 +275,67 @@ class TrainIteratorTest(parameterized.TestCase):
         np.testing.assert_array_equal(first, _labels(self._make(_toy_source(12)), 3))
         self.assertFalse(np.array_equal(first, _labels(self._make(_toy_source(12), seed=4), 3)))
 
-    @parameterized.parameters(10, 11, None)
-    def test_processes_read_disjoint_shards(self, n):
-        if n is None:  # The real digits images, relabelled with their record index.
-            images = data.make_source("digits", "train", data_dir=DATA_DIR).arrays["image"]
-        else:
-            images = np.zeros((n, 8, 8, 1), np.uint8)
-        n = len(images)
-        source = data.ArraySource({"image": images, "label": np.arange(n)})
-        shards = []
-        for p in range(2):
-            lo, hi = data.shard_range(n, p, 2)
-            it = self._make(
-                source, global_batch_size=2, image_size=8, process_index=p, process_count=2
-            )
-            shards.append(_labels(it, hi - lo))  # Exactly one epoch of the shard.
-            self.assertEqual(sorted(shards[-1]), list(range(lo, hi)))
-        self.assertEmpty(set(shards[0]) & set(shards[1]))
-        self.assertEqual(sorted(np.concatenate(shards)), list(range(n)))
+    def _global(self, source, processes, num_batches, **kw):
+        """Global batches: the processes' rows stacked in process order (simulated in-process)."""
+        its = [
+            self._make(source, process_index=p, process_count=processes, **kw)
+            for p in range(processes)
+        ]
+        return [
+            {k: np.concatenate([b[k] for b in rows]) for k in rows[0]}
+            for rows in ([next(it) for it in its] for _ in range(num_batches))
+        ]
+
+    @parameterized.parameters(False, True)
+    def test_global_batches_independent_of_topology(self, flip):
+        # (processes, devices) = (1, 1), (1, 4), (2, 2), (4, 1): the stream never
+        # sees devices; the processes' rows of batch k, stacked, are one batch.
+        images = np.random.default_rng(0).integers(0, 256, (11, 4, 4, 1), np.uint8)
+        source = data.ArraySource({"image": images, "label": np.arange(11)})
+        kw = dict(global_batch_size=4, random_flip=flip, seed=7)
+        want = self._global(source, 1, 9, **kw)  # 36 positions: 3+ epochs of 11.
+        for processes in (2, 4):
+            for a, b in zip(self._global(source, processes, 9, **kw), want):
+                _assert_batches_equal(self, a, b)
+        labels = np.concatenate([b["label"] for b in want])
+        for epoch in range(3):  # Each epoch is a permutation of all records.
+            self.assertEqual(sorted(labels[epoch * 11 : (epoch + 1) * 11]), list(range(11)))
+        positions = np.arange(36)
+        np.testing.assert_array_equal(labels, stream.stream_records(11, 7, positions))
+        flipped = np.concatenate([b["image"] for b in want])
+        expect = images[labels].astype(np.float32) / 127.5 - 1
+        if flip:
+            mask = stream.flip_mask(7, positions)
+            self.assertBetween(mask.mean(), 0.2, 0.8)
+            expect = np.where(mask[:, None, None, None], expect[:, :, ::-1], expect)
+        np.testing.assert_allclose(flipped, expect, atol=1e-6)
+
+    @parameterized.parameters((2, 1, 4, 4), (1, 2, 4, 4), (2, 1, 4, 8))
+    def test_resume_on_another_topology(self, before, after, batch_before, batch_after):
+        source = _toy_source(13)
+        it = self._make(source, process_index=0, process_count=before, global_batch_size=batch_before,
+                        random_flip=True)
+        for _ in range(5):
+            next(it)
+        state = it.get_state()
+        self.assertEqual(state["position"], 5 * batch_before)
+        stream = self._global(source, 1, 1, global_batch_size=5 * batch_before + 3 * batch_after,
+                              random_flip=True)[0]
+        resumed = self._global(source, after, 3, global_batch_size=batch_after, random_flip=True,
+                               position=state["position"])
+        got = np.concatenate([b["label"] for b in resumed])
+        np.testing.assert_array_equal(got, stream["label"][5 * batch_before :])
+        fresh = self._make(source, process_index=0, process_count=after, global_batch_size=batch_after,
+                           random_flip=True)
+        fresh.set_state(state)  # The same through set_state.
+        _assert_batches_equal(self, next(fresh), self._make(
+            source, process_index=0, process_count=after, global_batch_size=batch_after,
+            random_flip=True, position=state["position"]).__next__())
+
+    def test_other_dataset_is_refused(self):
+        it = self._make(_toy_source(12))
+        with self.assertRaisesRegex(ValueError, "covered 13 records but this dataset has 12"):
+            it.set_state({"position": 8, "num_records": 13})
 
     def test_no_flip_by_default(self):
         source = _toy_source(8, size=4)
@@ -334,28 +376,20 @@ class TrainIteratorTest(parameterized.TestCase):
             _assert_batches_equal(self, next(resumed), want)
 
     def test_orbax_round_trip(self):
+        # The state is a small JSON dict: orbax's JSON item stores it once for every process.
         source = _toy_source(20)
         it = self._make(source, random_flip=True)
         for _ in range(7):
             next(it)
         directory = _tempdir(self)
-        with ocp.CheckpointManager(
-            directory,
-            item_names=("data",),
-            item_handlers={"data": grain.checkpoint.CheckpointHandler()},
-        ) as mngr:
-            mngr.save(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        with ocp.CheckpointManager(directory, item_names=("data",)) as mngr:
+            mngr.save(7, args=ocp.args.Composite(data=ocp.args.JsonSave(it.get_state())))
             mngr.wait_until_finished()
         expected = [next(it) for _ in range(3)]
         resumed = self._make(source, random_flip=True)
-        with ocp.CheckpointManager(
-            directory,
-            item_names=("data",),
-            item_handlers={"data": grain.checkpoint.CheckpointHandler()},
-        ) as mngr:
-            mngr.restore(
-                7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed))
-            )
+        with ocp.CheckpointManager(directory, item_names=("data",)) as mngr:
+            state = mngr.restore(7, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        resumed.set_state(state)
         for want in expected:
             _assert_batches_equal(self, next(resumed), want)
 

@@ -1,41 +1,29 @@
 """One grain input pipeline for every source (TFDS, `digits`, image folders).
 
 Sources are random-access (`len(source)`, `source[i]` -> dict with a uint8
-"image" [H, W, C], optional "label" and "caption"). Iterators are grain
-`MapDataset` pipelines whose element k is batch k: each process takes its own
-contiguous shard, shuffles it with the seed (a new permutation each epoch),
-repeats forever, and each batch is read and preprocessed in one call (no
-per-record pipeline stages, which cost grain ~0.1-0.2 ms each). Worker
-processes (`mp_prefetch`) and prefetch threads build whole batches ahead. The
-iterator state is a batch counter (one per worker), so a restored iterator
-yields exactly the batches the original would have. Randomness (the optional flip) comes from grain's seeded
-`random_map`, a function of (seed, batch number).
+"image" [H, W, C], optional "label" and "caption").
+
+Training data is one global stream, independent of the topology: the
+concatenation of one permutation of all records per (seed, epoch), cut into
+global batches of B, so global batch k holds the same records in the same
+order whatever the process and device counts.  Process p of P reads rows
+[p B/P, (p+1) B/P) of each global batch (grain `MapDataset` whose element k is
+this process's part of batch k, read and preprocessed in one call; worker
+processes and prefetch threads build batches ahead).  Random flips are a
+function of (seed, position in the stream).  The iterator's state is the
+stream position (examples consumed by all processes together), a small JSON
+dict that restores on any topology:
+
+    state = it.get_state()       # {"position": k * B, ...}
+    it.set_state(state)          # on any process count, with any batch size
 
 Pixels are mapped from uint8 to float32 exactly as `x / 127.5 - 1`, so 0 ->
 -1.0 and 255 -> 1.0 exactly and the discretized Gaussian decoder's edge bins
 line up with the data (Ho et al. 2020, Eq. 13; Nichol & Dhariwal 2021 §2).
-
-Checkpointing a training iterator with orbax (grain ships the handler):
-
-    import grain, orbax.checkpoint as ocp
-    mngr = ocp.CheckpointManager(
-        directory, item_names=("data",),
-        item_handlers={"data": grain.checkpoint.CheckpointHandler()})
-    mngr.save(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointSave(train_iter)))
-    mngr.restore(step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(train_iter)))  # In place.
-
-The handler writes one small JSON file per process
-(`process_{i}-of-{n}.json`), so every process saves and restores its own
-shard's position. Without orbax: `state = it.get_state()` (a small
-JSON-serialisable dict) and `it.set_state(state)` on a freshly built iterator
-with the same arguments (the worker count must match).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -43,6 +31,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from diffusion_jax.data.stream import TrainStream, _ReadGlobalRows, flip_mask, stream_records  # noqa: F401
 from diffusion_jax.data.sources import (  # noqa: F401 - re-exported
     FOLDER_PREFIX,
     ArraySource,
@@ -89,13 +78,6 @@ class _ReadBatch:
         if self.with_captions:
             out["caption"] = np.array([_as_str(c) for c in fields["caption"]], np.str_)
         return out
-
-
-def _random_flip(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Flips each image left-right with probability 1/2 (grain's seeded rng)."""
-    flip = rng.random(batch["image"].shape[0]) < 0.5
-    image = np.where(flip[:, None, None, None], batch["image"][:, :, ::-1], batch["image"])
-    return dict(batch, image=image)
 
 
 def _check_source(source, *, channels: int, with_labels: bool, with_captions: bool) -> None:
@@ -167,42 +149,6 @@ def shard_range(num_records: int, process_index: int, process_count: int) -> tup
 _ENDLESS = 2**62  # "Forever": 2**62 batches.
 
 
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(num_records: int, seed: int, stream: int, epoch: int) -> np.ndarray:
-    """A fixed permutation of range(num_records) for (seed, stream, epoch)."""
-    rng = np.random.default_rng([seed, stream, epoch])  # SeedSequence-mixed.
-    perm = rng.permutation(num_records)
-    perm.flags.writeable = False  # Shared by every caller of the cache.
-    return perm
-
-
-class _ShuffledBatchIndices:
-    """Batch number k -> record indices [batch_size] in [lo, hi).
-
-    The index stream is perm(epoch 0) ++ perm(epoch 1) ++ ... of the shard, so
-    every record is seen once per epoch and batches may straddle epochs (no
-    example is ever dropped). One vectorised permutation per epoch replaces
-    grain's per-record `index_shuffle`, which costs ~0.1 ms a record.
-    """
-
-    def __init__(self, lo: int, hi: int, *, batch_size: int, seed: int, stream: int):
-        self.lo, self.hi = lo, hi
-        self.batch_size = batch_size
-        self.seed = seed
-        self.stream = stream
-
-    def __call__(self, k: int) -> np.ndarray:
-        n = self.hi - self.lo
-        positions = int(k) * self.batch_size + np.arange(self.batch_size)
-        epochs, within = np.divmod(positions, n)
-        out = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            perm = _epoch_permutation(n, self.seed, self.stream, int(epoch))
-            out[mask] = self.lo + perm[within[mask]]
-        return out
-
-
 def _to_iterator(
     ds: grain.MapDataset,
     *,
@@ -246,70 +192,58 @@ def make_train_iterator(
     process_count: int | None = None,
     with_labels: bool = True,
     with_captions: bool = False,
-) -> grain.DatasetIterator:
-    """Infinite, shuffled, per-process training batches; checkpointable.
+    position: int = 0,
+) -> TrainStream:
+    """Infinite, shuffled training batches: this process's rows of each global batch.
 
-    Each process takes a contiguous shard of the records (`shard_range`),
-    shuffles it with `seed` (a fresh permutation every epoch), repeats forever,
-    and yields batches of `global_batch_size // process_count`; feed them to
+    Global batch k holds the records at stream positions `position + k B +
+    [0, B)` (`stream_records`: one permutation of all records per (seed,
+    epoch)), whatever the process count; process p yields rows [p b, (p+1) b)
+    of it, b = B / process_count; feed them to
     `jax.make_array_from_process_local_data`.
 
     Args:
       source: random-access source from `make_source` (or any object with
         `__len__`/`__getitem__` returning {"image": uint8 [H, W, C], ...}).
-      global_batch_size: batch size summed over all processes.
+      global_batch_size: B, the batch size summed over all processes.
       image_size: output height and width; images of another size are resized
         with `resize_uint8`.
       channels: expected image channels; a mismatch raises ValueError.
       seed: shuffle and flip seed, an int in [0, 2**32).
-      random_flip: random horizontal flips (off by default: digits must not be
-        mirrored).
+      random_flip: random horizontal flips, a function of (seed, position)
+        (off by default: digits must not be mirrored).
       worker_count: grain worker processes (0 = build batches in this process).
       worker_buffer_size: batches each worker prepares ahead.
       read_threads: threads building batches ahead in each process (0 = none).
       prefetch: batches buffered by those threads.
-      process_index, process_count: this process's shard; default
+      process_index, process_count: this process's rows; default
         `jax.process_index()` / `jax.process_count()`.
       with_labels, with_captions: include "label" / "caption" in batches.
+      position: stream position of the first batch (examples already consumed).
 
     Returns:
-      A grain `DatasetIterator` (`get_state()`/`set_state()`, orbax handler
-      `grain.checkpoint.CheckpointHandler`) over dicts {"image": float32
-      [b, S, S, C] in [-1, 1], "label": int32 [b], "caption": str [b] (when
-      requested)}, b = global_batch_size // process_count.
+      A `TrainStream` over dicts {"image": float32 [b, S, S, C] in [-1, 1],
+      "label": int32 [b], "caption": str [b] (when requested)}.
     """
     process_index, process_count = _process_info(process_index, process_count)
     local_batch = _per_process(global_batch_size, process_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32) for grain; got {seed}.")
     _check_source(source, channels=channels, with_labels=with_labels, with_captions=with_captions)
-    lo, hi = shard_range(len(source), process_index, process_count)
-    if hi == lo:
-        raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes.")
+    num_records = len(source)
     if isinstance(source, ArraySource):
         source = source.resized(image_size)  # Resize once, not every epoch.
-    # Element k of the dataset is batch k: its record indices (the stream of
-    # per-epoch permutations of the shard, cut into consecutive pieces), read
-    # and preprocessed in one call.
-    ds = grain.MapDataset.range(_ENDLESS).map(
-        _ShuffledBatchIndices(lo, hi, batch_size=local_batch, seed=int(seed), stream=process_index)
-    )
-    ds = ds.map(
-        _ReadBatch(
-            source, image_size=image_size, with_labels=with_labels, with_captions=with_captions
-        )
-    )
-    if random_flip:
-        # grain's seeded random_map draws batch k's rng from (seed, k): resumable,
-        # and independent of worker_count and read_threads.
-        ds = ds.random_map(_random_flip, seed=int(seed))
-    return _to_iterator(
-        ds,
-        worker_count=worker_count,
-        worker_buffer_size=worker_buffer_size,
-        read_threads=read_threads,
-        prefetch=prefetch,
-    )
+    read = _ReadBatch(source, image_size=image_size, with_labels=with_labels, with_captions=with_captions)
+
+    def build(start: int) -> grain.DatasetIterator:
+        rows = _ReadGlobalRows(read, num_records=num_records, seed=int(seed), start=start,
+                               global_batch=global_batch_size, local_batch=local_batch,
+                               process_index=process_index, flip=random_flip)
+        return _to_iterator(grain.MapDataset.range(_ENDLESS).map(rows), worker_count=worker_count,
+                            worker_buffer_size=worker_buffer_size, read_threads=read_threads, prefetch=prefetch)
+
+    return TrainStream(build, position=position, global_batch_size=global_batch_size, seed=int(seed),
+                       num_records=num_records)
 
 
 class _ReadEvalBatch:

@@ -5,13 +5,20 @@ One step = one optimizer update on a global batch: timesteps, noise and label
 does not depend on the device count), optional gradient accumulation over
 microbatches (averaged), AdamW, one EMA per rate, the importance-sampler
 history, and a non-finite guard that records the first bad step.
+
+Sharding: the batch is split over every device; the state is replicated, or
+with FSDP (`state_shardings` on a mesh whose 'fsdp' axis is > 1) its
+parameters, Adam moments and EMAs are split leaf by leaf.  The step then
+all-gathers the parameters for the forward/backward pass (`_gather`) and
+constrains the gradients back to the parameters' layout (`_scatter`: XLA's
+reduce-scatter), so the update and the EMAs run on 1/fsdp of each leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +77,22 @@ def make_optimizer(*, lr, weight_decay, b1, b2, eps, warmup_steps, anneal, grad_
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
     return tx, schedule
+
+
+class Layout(NamedTuple):
+    """Where the parameters live inside an FSDP step (None layout: replicated state)."""
+
+    gathered: Any  # NamedSharding P(): the parameters as the model sees them.
+    params: Any  # tree of NamedSharding like the params: their stored (split) layout.
+
+
+def _gather(params, layout: Layout | None):
+    """All-gather split parameters for compute (its transpose reduce-scatters the gradients)."""
+    return params if layout is None else jax.lax.with_sharding_constraint(params, layout.gathered)
+
+
+def _scatter(grads, layout: Layout | None):
+    return grads if layout is None else jax.lax.with_sharding_constraint(grads, layout.params)
 
 
 def init_state(params, tx, spec: StepSpec) -> TrainState:
@@ -133,19 +156,20 @@ def _split_micro(tree, m: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), tree)
 
 
-def _accumulate(loss_fn, params, micro: dict, m: int):
-    """Average gradients (and aux) of `loss_fn` over m microbatches."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def _accumulate(loss_fn, params, micro: dict, m: int, layout: Layout | None = None):
+    """Average gradients (and aux) of `loss_fn` over m microbatches (gradients in `layout`)."""
+    grad_fn = jax.value_and_grad(lambda p, mb: loss_fn(_gather(p, layout), mb), has_aux=True)
     if m == 1:
-        return grad_fn(params, micro)
+        out, grads = grad_fn(params, micro)
+        return out, _scatter(grads, layout)
     chunks = _split_micro(micro, m)
 
     def body(acc, chunk):
         (loss, aux), grads = grad_fn(params, chunk)
-        acc = jax.tree.map(lambda a, g: a + g / m, acc, grads)
+        acc = jax.tree.map(lambda a, g: a + g / m, acc, _scatter(grads, layout))
         return acc, (loss, aux)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = _scatter(jax.tree.map(jnp.zeros_like, params), layout)
     grads, (losses, auxes) = jax.lax.scan(body, zeros, chunks)
     # aux entries are per-example [m, B/m]: undo the strided split.
     aux = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), auxes)
@@ -178,7 +202,7 @@ def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule
 
 
 def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, schedule: Schedule,
-                   spec: StepSpec, tx) -> tuple[TrainState, dict]:
+                   spec: StepSpec, tx, layout: Layout | None = None) -> tuple[TrainState, dict]:
     """One optimizer step of the diffusion objective; returns (state, metrics)."""
     mask_rng = jax.random.fold_in(rng, conditioning.MASK_STREAM)  # masks: (seed, example index) only
     rng = jax.random.fold_in(rng, state.step)
@@ -193,7 +217,7 @@ def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, sch
                                            loss_type=spec.loss_type)
         return jnp.mean(terms.loss * mb["weights"]), terms
 
-    (loss, terms), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches)
+    (loss, terms), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches, layout)
     sampler_state = spec.sampler.update(state.sampler_state, micro["t"], jax.lax.stop_gradient(terms.loss))
     k = schedule.num_timesteps
     metrics = dict(loss=loss, mse=jnp.mean(terms.mse), vb=jnp.mean(terms.vb))
@@ -203,7 +227,7 @@ def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, sch
 
 
 def classifier_step(state: TrainState, batch: dict, rng: jax.Array, *, model, schedule: Schedule,
-                    spec: StepSpec, tx) -> tuple[TrainState, dict]:
+                    spec: StepSpec, tx, layout: Layout | None = None) -> tuple[TrainState, dict]:
     """One step of noisy-classifier training (guided-diffusion's classifier_train)."""
     rng = jax.random.fold_in(rng, state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
@@ -219,7 +243,7 @@ def classifier_step(state: TrainState, batch: dict, rng: jax.Array, *, model, sc
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, mb["y"])
         return jnp.mean(ce), (ce, logits)
 
-    (loss, (ce, logits)), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches)
+    (loss, (ce, logits)), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches, layout)
     acc1, acc5 = topk_accuracy(logits, labels)
     k = schedule.num_timesteps
     metrics = dict(loss=loss, acc1=jnp.mean(acc1), acc5=jnp.mean(acc5), loss_q=quartile_means(ce, t, k),
@@ -263,9 +287,51 @@ def _ema_rate(rate: float, step: jax.Array, warmup: bool) -> jax.Array:
     return jnp.minimum(rate, (1.0 + step) / (10.0 + step)) if warmup else jnp.asarray(rate, jnp.float32)
 
 
-def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx):
-    """The data-parallel step: state/key replicated, batch split on 'data', state donated."""
+def state_shardings(mesh, state_shapes: TrainState, *, min_size: int = 2**12) -> TrainState:
+    """Shardings of a train state on `mesh`: params, optimizer state and EMAs by the FSDP rule.
+
+    Args:
+      mesh: a `parallel.make_mesh` mesh; with fsdp = 1 every leaf is replicated.
+      state_shapes: the state or its `jax.eval_shape` (ShapeDtypeStructs).
+      min_size: leaves with fewer elements stay replicated (`parallel.fsdp_spec`).
+
+    Returns:
+      A TrainState of NamedShardings (the counters and sampler history replicated).
+    """
+    repl = parallel.replicated(mesh)
+    split = functools.partial(parallel.fsdp_shardings, mesh, min_size=min_size)
+    return TrainState(step=repl, params=split(state_shapes.params), opt_state=split(state_shapes.opt_state),
+                      ema_params=split(state_shapes.ema_params),
+                      sampler_state=jax.tree.map(lambda _: repl, state_shapes.sampler_state), first_nonfinite=repl)
+
+
+def create_state(mesh, make_state, rng: jax.Array, *, min_size: int = 2**12) -> TrainState:
+    """`make_state(rng)` (params -> `init_state`) built directly in its sharded layout.
+
+    The state is never materialised whole on one device: its shapes come from
+    `jax.eval_shape`, and one jit writes each leaf straight into its shards.
+    """
+    shardings = state_shardings(mesh, jax.eval_shape(make_state, rng), min_size=min_size)
+    return jax.jit(make_state, out_shardings=shardings)(rng)
+
+
+def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx, state_sharding: TrainState | None = None):
+    """The compiled step: batch split over every device, key replicated, state donated.
+
+    Args:
+      state_sharding: the state's shardings (`state_shardings`); None: replicated.
+        With split parameters, the step gathers them for compute and
+        reduce-scatters the gradients.
+
+    Returns:
+      jit(state, batch, rng) -> (state, metrics) with the state kept in its layout.
+    """
     fn = classifier_step if spec.kind == "classifier" else diffusion_step
     repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
-    return jax.jit(functools.partial(fn, model=model, schedule=schedule, spec=spec, tx=tx),
-                   in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+    if state_sharding is None:
+        state_sharding = jax.tree.map(lambda _: repl, TrainState(*([0] * 6)))
+    split = any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(state_sharding.params))
+    layout = Layout(gathered=repl, params=state_sharding.params) if split else None
+    return jax.jit(functools.partial(fn, model=model, schedule=schedule, spec=spec, tx=tx, layout=layout),
+                   in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+                   donate_argnums=0)
