@@ -38,7 +38,16 @@ flags.DEFINE_multi_string("prompt", None, "Text models: a caption (repeatable); 
 flags.DEFINE_string("prompts_file", None, "Text models: a file of captions, one per line (added to --prompt).")
 flags.DEFINE_string("tokenizer_dir", None, "Directory with GLIDE's encoder.json and vocab.bpe (converted GLIDE "
                     "checkpoints); default: the training config's tokenizer.")
-flags.DEFINE_string("upsampler_workdir", None, "A 'glide_upsample' model run on the base samples.")
+flags.DEFINE_string("upsampler_workdir", None, "A second stage run on the base samples: a 'glide_upsample' "
+                    "(or 'glide_upsample_inpaint') model after GLIDE, a 'super_res' model after a U-Net.")
+flags.DEFINE_string("base_samples", None, "Super-resolution: OpenAI-format .npz (arr_0 uint8 [N, h, w, C]; arr_1 "
+                    "labels for class-conditional models) upsampled by the 'super_res' model of --workdir.")
+flags.DEFINE_string("inpaint_image", None, "GLIDE inpainting: PNG/JPEG, or .npz (arr_0 uint8 [H, W, C] or "
+                    "[N, H, W, C]). Resized to the model's size with PIL bicubic; the upsampler re-reads it at its "
+                    "size.")
+flags.DEFINE_string("inpaint_mask", None, "GLIDE inpainting: PNG (255/white = keep, 0/black = generate) or .npz "
+                    "(0/1), the image's height and width. Resized by nearest neighbour (pixel i <- floor(i * H / "
+                    "size)); the upsampler gets the base mask enlarged by nearest neighbour.")
 flags.DEFINE_string("upsample_respacing", "fast27", "The upsampler's respacing (GLIDE: fast27).")
 flags.DEFINE_boolean("upsample_ddim", True, "DDIM for the upsampler (GLIDE's recipe); --noupsample_ddim: ancestral.")
 flags.DEFINE_float("upsample_temp", 0.997, "The upsampler's initial-noise multiplier (GLIDE: 0.997).")

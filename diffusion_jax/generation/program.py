@@ -53,6 +53,10 @@ class SampleOptions:
     upsample_respacing: str = "fast27"
     upsample_ddim: bool = True
     upsample_temp: float = 0.997  # the upsampler's x_T multiplier (GLIDE's notebook)
+    # Super-resolution (generation.superres) and GLIDE inpainting (generation.inpaint).
+    base_samples: str | None = None  # OpenAI-format .npz of low-res samples for a 'super_res' --workdir
+    inpaint_image: str | None = None  # PNG/JPEG/.npz image to inpaint
+    inpaint_mask: str | None = None  # PNG/.npz mask: 1 (white) keeps a pixel, 0 (black) is generated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +223,11 @@ def generate(module, params, plan: Plan, opts: SampleOptions, classifier=None, c
 def run(workdir: str, opts: SampleOptions, log: Callable[[str], None] = print) -> tuple[str, str] | None:
     """Load, validate, sample and (on process 0) write; returns (npz_path, png_path) there."""
     module, params, cfg = load_for_inference(workdir, ema_rate=opts.ema_rate)
+    from diffusion_jax.generation import inpaint, superres
+
+    for workflow in (inpaint, superres):  # --inpaint_*, --base_samples, ADM cascades
+        if workflow.applies(cfg, opts, workdir):
+            return workflow.run(module, params, cfg, workdir, opts, load_for_inference, log=log)
     if cfg["kind"].startswith("glide"):
         return text_program.run_text(module, params, cfg, workdir, opts, log=log)
     if opts.prompts or opts.upsampler_workdir or opts.tokenizer_dir:
