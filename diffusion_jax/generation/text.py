@@ -60,7 +60,9 @@ def load_tokenizer(cfg: dict, tokenizer_dir: str | None):
     if tokenizer_dir:
         encoder_json, vocab_bpe = tc.tokenizer_files(tokenizer_dir)
         tokenizer = tc.make_tokenizer("glide", encoder_json=encoder_json, vocab_bpe=vocab_bpe)
-    elif "text" in cfg:
+    elif "text" in cfg and "source" not in cfg:
+        # A converted checkpoint (it records its "source") gets the default "text" group from
+        # runtime.config_io, not settings it was trained with: only training workdirs name their tokenizer.
         tokenizer = tc.tokenizer_from_config(cfg)
     else:
         raise FileNotFoundError(
