@@ -95,7 +95,7 @@ def _k(name, module, role, inputs, *, trains, samples, conversion) -> Kind:
 KINDS: dict[str, Kind] = {
     "unet": _k("unet", unet.UNet, "denoiser", ["labels"], trains=True, samples=True, conversion=ADM),
     "super_res": _k("super_res", unet.SuperResUNet, "denoiser", ["labels", "low_res"],
-                    trains=True, samples=False, conversion=ADM),
+                    trains=True, samples=True, conversion=ADM),
     "classifier": _k("classifier", classifier.EncoderUNet, "classifier", [],
                      trains=True, samples=False, conversion=ADM),
     "glide": _k("glide", glide_models.Text2ImUNet, "denoiser", ["tokens"],
@@ -103,7 +103,7 @@ KINDS: dict[str, Kind] = {
     "glide_upsample": _k("glide_upsample", glide_models.SuperResText2ImUNet, "denoiser", ["tokens", "low_res"],
                          trains=True, samples=False, conversion=GLIDE),
     "glide_inpaint": _k("glide_inpaint", glide_models.InpaintText2ImUNet, "denoiser", ["tokens", "inpaint"],
-                        trains=True, samples=False, conversion=GLIDE),
+                        trains=True, samples=True, conversion=GLIDE),
     "glide_upsample_inpaint": _k("glide_upsample_inpaint", glide_models.SuperResInpaintText2ImUNet, "denoiser",
                                  ["tokens", "low_res", "inpaint"], trains=True, samples=False, conversion=GLIDE),
     "clip_image": _k("clip_image", clip_models.ImageEncoder, "encoder", [],
