@@ -269,3 +269,44 @@ def make_timestep_sampler(name: str, num_timesteps: int):
     if name not in samplers:
         raise ValueError(f"unknown schedule sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
     return samplers[name](num_timesteps)
+
+
+class ClipLoss(NamedTuple):
+    """Symmetric InfoNCE terms (`clip_contrastive_loss`); all float32 scalars."""
+
+    loss: jax.Array  # (image_loss + text_loss) / 2
+    image_loss: jax.Array  # cross-entropy of each image over the batch's captions
+    text_loss: jax.Array  # cross-entropy of each caption over the batch's images
+    accuracy: jax.Array  # fraction of images whose best caption is their own
+
+
+def clip_contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array,
+                          logit_scale: jax.Array | float) -> ClipLoss:
+    """CLIP's symmetric contrastive loss (Radford et al. 2021, Fig. 3) on raw embeddings.
+
+    With f_i = image_i / |image_i|, g_j = text_j / |text_j| (the norms get
+    +1e-12, as `guidance.clip_cond_fn` normalises) and logits
+    L_ij = logit_scale * <f_i, g_j>, pair i is the positive of row i and of
+    column i:  loss = (CE(L, diag) + CE(L^T, diag)) / 2, each averaged over B.
+
+    Args:
+      image_embeddings: `[B, D]` (GLIDE: the noised image tower at x_t, t).
+      text_embeddings: `[B, D]`, row i the caption of image i.
+      logit_scale: the temperature multiplier exp(s) (a scalar; learned or fixed).
+
+    Returns:
+      `ClipLoss(loss, image_loss, text_loss, accuracy)`.
+    """
+    if image_embeddings.shape != text_embeddings.shape or image_embeddings.ndim != 2:
+        raise ValueError(f"expected image and text embeddings of one shape [B, D]; got {image_embeddings.shape} "
+                         f"and {text_embeddings.shape}")
+    f = image_embeddings.astype(jnp.float32)
+    g = text_embeddings.astype(jnp.float32)
+    f = f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-12)
+    g = g / (jnp.linalg.norm(g, axis=-1, keepdims=True) + 1e-12)
+    logits = jnp.asarray(logit_scale, jnp.float32) * (f @ g.T)
+    diag = jnp.arange(logits.shape[0])
+    image_loss = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[diag, diag])
+    text_loss = -jnp.mean(jax.nn.log_softmax(logits, axis=0)[diag, diag])
+    accuracy = jnp.mean((jnp.argmax(logits, axis=1) == diag).astype(jnp.float32))
+    return ClipLoss((image_loss + text_loss) / 2, image_loss, text_loss, accuracy)

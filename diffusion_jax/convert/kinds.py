@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from diffusion_jax.convert import adm, clip, glide
 from diffusion_jax.models import classifier, unet
 from diffusion_jax.models import clip as clip_models
+from diffusion_jax.models import clip_pair
 from diffusion_jax.models import glide as glide_models
 
 # What a network takes beside (x, timesteps):
@@ -33,7 +34,7 @@ from diffusion_jax.models import glide as glide_models
 #   low_res - the image to upsample, NHWC (super-resolution)
 #   inpaint - inpaint_image NHWC and inpaint_mask [B, H, W, 1]
 INPUTS = ("labels", "tokens", "low_res", "inpaint")
-ROLES = ("denoiser", "classifier", "encoder")
+ROLES = ("denoiser", "classifier", "encoder", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ class Kind:
       name: the ``kind`` string.
       module: the Flax module class; ``module(**config.model)``.
       role: "denoiser" (predicts eps/x0/v and variances), "classifier" (noisy
-        classifier: logits), "encoder" (CLIP: embeddings).
+        classifier: logits), "encoder" (CLIP: embeddings), "clip" (a CLIP pair: both
+        towers and a logit scale, trained contrastively).
       inputs: which of ``INPUTS`` it takes beside ``(x, timesteps)``.
       trains: ``train.py`` trains it.
       samples: ``sample.py`` samples it as the model of ``--workdir`` (GLIDE's
@@ -110,6 +112,9 @@ KINDS: dict[str, Kind] = {
                      trains=False, samples=False, conversion=CLIP),
     "clip_text": _k("clip_text", clip_models.TextEncoder, "encoder", [],
                     trains=False, samples=False, conversion=CLIP),
+    # Both noised-CLIP towers trained contrastively from scratch (training/clip.py); CLIP guidance
+    # (sample.py --clip_workdir) uses it. OpenAI publishes the towers as two checkpoints, not as a pair.
+    "clip": _k("clip", clip_pair.ClipPair, "clip", [], trains=True, samples=False, conversion=CLIP),
 }
 
 

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import models, objectives, schedules
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import checkpoints
 from diffusion_jax.runtime import parallel
+from diffusion_jax.training import clip as clip_train
 from diffusion_jax.training import steps as train_steps
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.data import conditioning, pipeline
@@ -32,6 +34,9 @@ class NonFiniteError(FloatingPointError):
 # ----------------------------------------------------------------------------- config -> objects
 def validate_config(config) -> None:
     """Cross-field checks with messages that say what to change."""
+    if config.kind == "clip":  # the contrastive CLIP pair (training/clip.py)
+        clip_train.validate_config(config)
+        return
     m, d = config.model, config.data
     if m.image_size != d.image_size:
         raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
@@ -108,6 +113,8 @@ def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
 
 
 def make_model(config):
+    if config.kind == "clip":
+        return kinds.build("clip", **config.model.to_dict())
     return models.build_model(config.kind, **config.model.to_dict())
 
 
@@ -127,6 +134,8 @@ def make_spec(config, schedule) -> train_steps.StepSpec:
 
 
 def init_params(model, config, rng):
+    if config.kind == "clip":
+        return clip_train.init_params(model, config, rng)
     s = config.model.image_size
     x = jnp.zeros((1, s, s, config.model.in_channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -159,7 +168,7 @@ def _data_iterator(config, with_labels: bool):
     num_classes = config.model.out_channels if config.kind == "classifier" else config.model.get("num_classes")
     if with_labels:
         _check_labels(source, num_classes)
-    with_captions = tc.is_text_kind(config.kind)
+    with_captions = tc.is_text_kind(config.kind) or config.kind == "clip"
     if with_captions:
         _check_captions(source, d.name)
     return pipeline.make_train_iterator(
@@ -290,7 +299,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx, lr_fn = train_steps.make_optimizer(num_steps=config.train.num_steps, **config.optim.to_dict())
     with_labels = _uses_labels(config)
     data_it = _data_iterator(config, with_labels)
-    text = _TextBatcher.from_config(config) or _LowResBatcher.from_config(config)
+    text = (_TextBatcher.from_config(config) or _LowResBatcher.from_config(config)
+            or clip_train.CaptionBatcher.from_config(config))
 
     repl = parallel.replicated(mesh)
     init = jax.jit(lambda key: train_steps.init_state(init_params(model, config, key), tx, spec), out_shardings=repl)
@@ -300,7 +310,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
         state = restored
         print(f"resumed from {workdir}/checkpoints at step {restored_step}", flush=True)
-    step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx)
+    step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx,
+                                       step_fn=clip_train.clip_step if config.kind == "clip" else None)
     hooks = _Hooks(config, workdir, mesh, model, schedule)
     writer = MetricWriter(workdir)
     rng = parallel.replicated_key(mesh, config.seed + 1)

@@ -315,18 +315,21 @@ def create_state(mesh, make_state, rng: jax.Array, *, min_size: int = 2**12) -> 
     return jax.jit(make_state, out_shardings=shardings)(rng)
 
 
-def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx, state_sharding: TrainState | None = None):
+def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx, state_sharding: TrainState | None = None,
+                 step_fn=None):
     """The compiled step: batch split over every device, key replicated, state donated.
 
     Args:
       state_sharding: the state's shardings (`state_shardings`); None: replicated.
         With split parameters, the step gathers them for compute and
         reduce-scatters the gradients.
+      step_fn: a step with `diffusion_step`'s signature (e.g. `training.clip.clip_step`);
+        None picks `classifier_step` or `diffusion_step` by `spec.kind`.
 
     Returns:
       jit(state, batch, rng) -> (state, metrics) with the state kept in its layout.
     """
-    fn = classifier_step if spec.kind == "classifier" else diffusion_step
+    fn = step_fn or (classifier_step if spec.kind == "classifier" else diffusion_step)
     repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
     if state_sharding is None:
         state_sharding = jax.tree.map(lambda _: repl, TrainState(*([0] * 6)))
