@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from diffusion_jax import gaussian, schedules
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import parallel
 from diffusion_jax.training import steps as train_steps
 from diffusion_jax.data import pipeline
@@ -39,7 +40,7 @@ class Evaluator:
         self.batches = [parallel.global_batch(mesh, {k: b[k] for k in ("image", "label", "index", "valid")})
                         for b in it]
         self.rng = jax.random.key(config.seed + 3)  # fixed: the estimate is comparable across steps
-        if config.kind == "classifier":
+        if kinds.get(config.kind).role == "classifier":
             self._fn = jax.jit(self._classifier_metrics)
         else:
             apply_fn = nll.module_apply(model)
@@ -66,7 +67,7 @@ class Evaluator:
                 self._fn(params, batch, self.rng), tiled=True)))
             valid.append(np.asarray(jax.experimental.multihost_utils.process_allgather(batch["valid"], tiled=True)))
         values = np.concatenate(rows)[np.concatenate(valid)]
-        if self.config.kind == "classifier":
+        if kinds.get(self.config.kind).role == "classifier":
             return {"val_loss": float(values[:, 0].mean()), "val_acc1": float(values[:, 1].mean()),
                     "val_acc5": float(values[:, 2].mean())}
         return {"test_bpd_estimate": float(values.mean()),
