@@ -224,3 +224,42 @@ def test_resolve_kernels(monkeypatch):
         assert kernels.resolve_kernels("auto") == want
     with pytest.raises(ValueError, match=r"\('auto', 'cpu', 'xla'\).*'cuda'"):
         kernels.resolve_kernels("cuda")
+
+
+def _networks():
+    """One small network of each class with example inputs: {kind: (module, args, kwargs)}."""
+    from diffusion_jax import models
+
+    x, low = jax.random.normal(jax.random.key(1), (2, 8, 8, 3)), jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+    t, y = jnp.array([3, 500], jnp.int32), jnp.array([0, 2], jnp.int32)
+    small = {"image_size": 8, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),
+             "attention_resolutions": (1, 2), "num_head_channels": 16}
+    tokens = jnp.array([[1, 2, 3, 0], [4, 5, 0, 0]], jnp.int32)
+    glide = {"text_ctx": 4, "xf_width": 32, "xf_layers": 1, "xf_heads": 2, "n_vocab": 8}
+    return {
+        "unet": (models.UNet(out_channels=6, num_classes=3, use_scale_shift_norm=True, **small), (x, t, y), {}),
+        "super_res": (models.SuperResUNet(in_channels=6, resblock_updown=True, **small), (x, t, low), {}),
+        "classifier": (models.EncoderUNet(out_channels=5, pool="attention", **small), (x, t), {}),
+        "glide_upsample": (models.SuperResText2ImUNet(**small, **glide), (x, t),
+                           {"tokens": tokens, "mask": tokens > 0, "low_res": low}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["unet", "super_res", "classifier", "glide_upsample"])
+def test_networks_same_params_and_outputs(kind):
+    """``kernels`` changes how, never what: the same parameter tree and init, the same outputs."""
+    module, args, kw = _networks()[kind]
+    inits = [jax.jit(module.clone(kernels=f).init)(jax.random.key(0), *args, **kw)["params"] for f in FORMS]
+    jax.tree.map(np.testing.assert_array_equal, *inits)  # names, shapes, values
+    leaves, tree = jax.tree.flatten(inits[0])
+    rs = np.random.RandomState(3)  # every layer live (no zero-initialised outputs)
+    params = jax.tree.unflatten(tree, [p + 0.1 * rs.randn(*p.shape).astype(np.float32) for p in leaves])
+    outs = [jax.jit(module.clone(kernels=f).apply)({"params": params}, *args, **kw) for f in FORMS]
+    _close(outs[0], outs[1], 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["unet", "super_res", "classifier", "glide_upsample"])
+def test_networks_refuse_unknown_kernels(kind):
+    module, args, kw = _networks()[kind]
+    with pytest.raises(ValueError, match=r"\('auto', 'cpu', 'xla'\).*'gpu'"):
+        jax.eval_shape(module.clone(kernels="gpu").init, jax.random.key(0), *args, **kw)

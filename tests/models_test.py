@@ -409,44 +409,5 @@ class ClassifierPoolTest(parameterized.TestCase):
         self.assertEqual(out.dtype, jnp.float32)
 
 
-def kernel_nets():
-    """One small network of each class with its example inputs: {name: (module, args, kwargs)}."""
-    x, t, low = X8, T8, jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
-    small = {"image_size": 8, "model_channels": 32, "num_res_blocks": 1, "channel_mult": (1, 2),
-             "attention_resolutions": (1, 2), "num_head_channels": 16}
-    tokens = jnp.array([[1, 2, 3, 0], [4, 5, 0, 0]], jnp.int32)
-    text = {"tokens": tokens, "mask": tokens > 0}
-    glide = {"text_ctx": 4, "xf_width": 32, "xf_layers": 1, "xf_heads": 2, "n_vocab": 8}
-    return {
-        "unet": (tiny_unet(attention_resolutions=(1, 2)), (x, t, Y8), {}),
-        "super_res": (models.SuperResUNet(in_channels=6, resblock_updown=True, **small), (x, t, low), {}),
-        "classifier": (models.EncoderUNet(out_channels=5, pool="attention", **small), (x, t), {}),
-        "glide_upsample": (models.SuperResText2ImUNet(**small, **glide), (x, t), dict(text, low_res=low)),
-    }
-
-
-class KernelsFieldTest(parameterized.TestCase):
-    """``kernels`` changes how GroupNorm / attention / upsampling are computed, never the parameters."""
-
-    @parameterized.parameters("unet", "super_res", "classifier", "glide_upsample")
-    def test_same_params_and_outputs(self, name):
-        module, args, kw = kernel_nets()[name]
-        inits = {k: jax.jit(module.clone(kernels=k).init)(jax.random.key(0), *args, **kw)["params"]
-                 for k in ("cpu", "xla")}
-        # Same names, shapes and initial values, so either setting runs the other's checkpoints.
-        jax.tree.map(np.testing.assert_array_equal, inits["cpu"], inits["xla"])
-        leaves, tree = jax.tree.flatten(inits["cpu"])
-        rs = np.random.RandomState(3)  # every layer live (no zero-initialised outputs)
-        params = jax.tree.unflatten(tree, [p + 0.1 * rs.randn(*p.shape).astype(np.float32) for p in leaves])
-        outs = [jax.jit(module.clone(kernels=k).apply)({"params": params}, *args, **kw) for k in ("cpu", "xla")]
-        np.testing.assert_allclose(outs[0], outs[1], atol=2e-5 * float(jnp.abs(outs[1]).max()), rtol=0)
-
-    @parameterized.parameters("unet", "super_res", "classifier", "glide_upsample")
-    def test_unknown_kernels(self, name):
-        module, args, kw = kernel_nets()[name]
-        with self.assertRaisesRegex(ValueError, r"\('auto', 'cpu', 'xla'\).*'gpu'"):
-            jax.eval_shape(module.clone(kernels="gpu").init, jax.random.key(0), *args, **kw)
-
-
 if __name__ == "__main__":
     absltest.main()

@@ -197,7 +197,8 @@ def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule
     if spec.inpaint:  # GLIDE: the model sees image * mask and the mask; example k of step s is s * B + k.
         b, h, w = x_start.shape[:3]
         micro["inpaint_image"] = x_start
-        micro["inpaint_mask"] = conditioning.inpaint_masks(mask_rng, state.step * b + jnp.arange(b), h, w)
+        ids = state.step.astype(jnp.uint32) * b + jnp.arange(b, dtype=jnp.uint32)  # uint32, as fold_in takes
+        micro["inpaint_mask"] = conditioning.inpaint_masks(mask_rng, ids, h, w)
     return micro, drop_rng
 
 
