@@ -16,7 +16,7 @@ from absl import app, flags
 
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
-from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import cli, parallel
 
 flags.DEFINE_string("workdir", None, "training workdir or converted OpenAI checkpoint directory")
 flags.DEFINE_enum("metric", "nll", ["nll", "fid", "samples"],
@@ -69,4 +69,4 @@ _OURS = ("workdir", "metric", "data", "data_dir", "split", "num_samples", "batch
          "ref", "inception_path", "coordinator_address", "num_processes", "process_id")
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

@@ -8,12 +8,12 @@ field: `--config.train.batch_size=256`.
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
-from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import cli, parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `configs` importable from anywhere
 
@@ -33,8 +33,8 @@ def main(argv):
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename or "digits"))[0]
     workdir = FLAGS.workdir or os.path.join("runs", name)
-    train_lib.train_and_evaluate(FLAGS.config, workdir)
+    train_lib.train_and_evaluate(cli.load_config_flag("config"), workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import numpy as np
@@ -29,6 +30,20 @@ def resolve_cli(preset: str | None, flags: str | None, repo: str) -> tuple[dict,
     return openai_flags.parse_openai_flags(flags, repo), {"flags": flags, "repo": repo}
 
 
+def check_out_dir(out: str, overwrite: bool) -> None:
+    """Refuse ``--out`` when it is a file, or a non-empty directory that is not a converted one (no
+    ``params.safetensors``, e.g. a training workdir whose config.json would be replaced), unless ``overwrite``.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out={out} is a file; pass a directory")
+    names = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if names and "params.safetensors" not in names and not overwrite:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(f"--out={out} is a non-empty directory that is not a converted checkpoint (it holds "
+                         f"{shown}); nothing was written. Pass an empty or new --out, or --overwrite to write "
+                         "config.json and params.safetensors into it anyway")
+
+
 def main(argv=None) -> None:
     """Parse the command line, convert, write ``--out``."""
     ap = argparse.ArgumentParser(prog="python -m diffusion_jax.convert",
@@ -41,7 +56,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repo", choices=(*openai_flags.REPOS, "glide"), default="guided",
                     help="whose defaults --flags uses (glide: glide-text2im's model_creation names)")
     ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty --out that is not a converted directory (replaces its config.json)")
+    ap.add_argument("--verbosity", type=int, default=None, help="1: INFO logs and tracebacks of user errors")
     args = ap.parse_args(argv)
+    check_out_dir(args.out, args.overwrite)
     cfg, source = resolve_cli(args.preset, args.flags, args.repo)
     source = {"checkpoint": args.checkpoint, **source}
     _, params = convert_state_dict(cfg, load_state_dict(args.checkpoint))

@@ -238,6 +238,33 @@ def nll_settings(cfg: dict, o: dict, schedule) -> dict:
     }
 
 
+def check_options(o: dict) -> None:
+    """Numeric flags in range and named input files present (ValueError / FileNotFoundError), before any work."""
+    for name in ("batch_size", "t_chunk", "num_samples"):
+        if o.get(name) is not None and int(o[name]) < 1:
+            raise ValueError(f"--{name}={o[name]} must be at least 1")
+    if int(o.get("start") or 0) < 0:
+        raise ValueError(f"--start={o['start']} must be >= 0")
+    if o.get("stop") is not None and int(o["stop"]) <= int(o.get("start") or 0):
+        raise ValueError(f"--stop={o['stop']} must be greater than --start={o.get('start') or 0}")
+    for name in ("workdir", "samples", "ref", "inception_path"):
+        path = o.get(name)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}={path}: no such file or directory")
+
+
+def check_samples(samples: np.ndarray, path: str) -> None:
+    """Sample metrics read uint8 NHWC RGB images in [0, 255] (what sample.py writes as arr_0)."""
+    if samples.dtype != np.uint8:
+        lo, hi = (float(samples.min()), float(samples.max())) if samples.size else (0.0, 0.0)
+        raise ValueError(
+            f"{path}: arr_0 is {samples.dtype} with values in [{lo:.3g}, {hi:.3g}], but sample metrics need uint8 "
+            "images in [0, 255] (sample.py's output); from [-1, 1] floats: ((x + 1) * 127.5).round().clip(0, 255)"
+            ".astype(np.uint8)")
+    if samples.ndim != 4 or samples.shape[-1] != 3 or samples.shape[0] < 2:
+        raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, 3] (NHWC, RGB, N >= 2), got shape {samples.shape}")
+
+
 def evaluate_nll(o: dict) -> dict:
     """`evaluate.py --metric=nll`: full-chain bits/dim of a checkpoint on a dataset split."""
     import jax.numpy as jnp
@@ -245,6 +272,7 @@ def evaluate_nll(o: dict) -> dict:
     from diffusion_jax import schedules
     from diffusion_jax.data import pipeline
 
+    check_options(o)
     module, params, cfg = load_model(o["workdir"], o.get("ema_rate"))
     d, m = cfg["diffusion"], cfg["model"]
     o = dict(o, data=o.get("data") or cfg.get("data", {}).get("name"))
@@ -288,12 +316,15 @@ def evaluate_samples(o: dict) -> dict:
 
     if not o.get("samples") or not o.get("ref"):
         raise ValueError("sample metrics need --samples=<samples.npz> and --ref=<reference .npz>")
-    with np.load(o["samples"]) as f:
-        if "arr_0" not in f.files:
-            raise ValueError(f"{o['samples']} has no arr_0 (uint8 NHWC samples, as sample.py writes)")
-        samples = f["arr_0"]
-    if samples.ndim != 4 or samples.shape[-1] != 3:
-        raise ValueError(f"{o['samples']}: arr_0 must be [N, H, W, 3] uint8, got {samples.shape}")
+    check_options(o)
+    try:
+        with np.load(o["samples"], allow_pickle=False) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"{o['samples']} has no arr_0 (uint8 NHWC samples, as sample.py writes)")
+            samples = f["arr_0"]
+    except (OSError, EOFError) as e:  # not an .npz at all
+        raise ValueError(f"--samples={o['samples']} is not a readable .npz file ({e})") from e
+    check_samples(samples, o["samples"])
     ref = metrics.load_reference(o["ref"])
     module, params = inception.load_inception(o.get("inception_path"))
     features_fn = inception.make_feature_fn(module, params, batch_size=o.get("batch_size") or 100)

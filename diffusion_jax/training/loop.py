@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import models, objectives, schedules
+from diffusion_jax import gaussian, models, objectives, schedules
 from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import checkpoints
 from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import workdir as wd
+from diffusion_jax.runtime.cli import UsageError
 from diffusion_jax.training import clip as clip_train
 from diffusion_jax.training import steps as train_steps
 from diffusion_jax.runtime import text_conditioning as tc
@@ -36,7 +37,7 @@ def validate_config(config) -> None:
     """Cross-field checks with messages that say what to change."""
     if config.kind == "clip":  # the contrastive CLIP pair (training/clip.py)
         clip_train.validate_config(config)
-        return
+        return _validate_loop_settings(config.train)
     m, d = config.model, config.data
     if m.image_size != d.image_size:
         raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
@@ -48,6 +49,7 @@ def validate_config(config) -> None:
     if config.kind == "super_res":
         _validate_super_res_config(config)
     if config.kind in ("unet", "super_res"):
+        _validate_diffusion_config(config.diffusion)
         learned = config.diffusion.var_type in ("learned", "learned_range")
         want = (2 if learned else 1) * d.channels
         if m.out_channels != want:
@@ -57,6 +59,7 @@ def validate_config(config) -> None:
             raise ValueError("config.train.p_uncond > 0 (null-label dropout) needs a class-conditional model "
                              "with config.model.null_label=True")
     elif tc.is_text_kind(config.kind):
+        _validate_diffusion_config(config.diffusion)
         _validate_text_config(config)
     elif config.kind != "classifier":
         raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, super_res, classifier, "
@@ -64,6 +67,38 @@ def validate_config(config) -> None:
     if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
         raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
                          f"config.train.microbatches={config.train.microbatches}")
+    _validate_loop_settings(config.train)
+
+
+def _validate_diffusion_config(d) -> None:
+    """mean_type / var_type / loss_type / snr_gamma, checked before anything compiles."""
+    for name, accepted in (("mean_type", gaussian.MEAN_TYPES), ("var_type", gaussian.VAR_TYPES),
+                           ("loss_type", objectives.LOSS_TYPES)):
+        if d[name] not in accepted:
+            raise UsageError(f"config.diffusion.{name}={d[name]!r} is not one of {', '.join(accepted)}")
+    gamma = float(d.get("snr_gamma", 0.0))
+    if gamma < 0:
+        raise UsageError(f"config.diffusion.snr_gamma={gamma} must be >= 0 (0: off; 5 is Hang et al.'s value)")
+    if gamma > 0 and d.mean_type not in objectives.MIN_SNR_MEAN_TYPES:
+        raise UsageError(f"config.diffusion.snr_gamma={gamma} needs mean_type in "
+                         f"{', '.join(objectives.MIN_SNR_MEAN_TYPES)}, not {d.mean_type!r} (set snr_gamma=0)")
+    if gamma > 0 and d.loss_type in ("kl", "rescaled_kl"):
+        raise UsageError(f"config.diffusion.snr_gamma={gamma} reweights the MSE term, but loss_type="
+                         f"{d.loss_type!r} has none (set snr_gamma=0 or use 'mse' / 'rescaled_mse')")
+
+
+def _validate_loop_settings(t) -> None:
+    """Loop settings that would fail after compiling (`step % 0`) or delete a run's checkpoints."""
+    why = {"keep_checkpoints": " (0 would delete every checkpoint of the run)"}
+    for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if int(t[name]) < 1:
+            raise UsageError(f"config.train.{name}={t[name]} must be at least 1{why.get(name, '')}")
+    for name in ("num_steps", "sample_every", "eval_every"):
+        if int(t[name]) < 0:
+            raise UsageError(f"config.train.{name}={t[name]} must be >= 0")
+    rates = [float(r) for r in t.ema_rates]
+    if any(not 0 < r < 1 for r in rates) or len(set(rates)) != len(rates):
+        raise UsageError(f"config.train.ema_rates={tuple(rates)} must be distinct rates in (0, 1), e.g. (0.9999,)")
 
 
 def _validate_text_config(config) -> None:
@@ -124,6 +159,7 @@ def make_spec(config, schedule) -> train_steps.StepSpec:
     text = tc.is_text_kind(config.kind)
     return train_steps.StepSpec(
         kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
+        snr_gamma=float(d.get("snr_gamma", 0.0)),
         sampler=objectives.make_timestep_sampler(d.schedule_sampler, schedule.num_timesteps),
         ema_rates=tuple(float(r) for r in t.ema_rates), ema_warmup=bool(t.ema_warmup),
         microbatches=int(t.microbatches),
@@ -202,7 +238,7 @@ def _check_labels(source, num_classes: int) -> None:
 class MetricWriter:
     """metrics.jsonl + TensorBoard events, process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, purge_step: int | None = None):
         self.enabled = parallel.is_main_process()
         self._file = self._tb = None
         if self.enabled:
@@ -210,7 +246,8 @@ class MetricWriter:
             self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=workdir)
+                # purge_step: TensorBoard hides events of steps >= it written before a resume.
+                self._tb = SummaryWriter(logdir=workdir, purge_step=purge_step)
             except ImportError:  # TensorBoard is optional; JSON lines always work.
                 self._tb = None
 
@@ -252,26 +289,7 @@ def summarize(history: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- the loop
-class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. some test runners)
-            self._old = None
-        return self
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+_Preemption = wd.StopRequests  # SIGTERM / first Ctrl-C: checkpoint and stop; second Ctrl-C: exit at once.
 
 
 def _check_finite(state, last_good: int | None) -> None:
@@ -284,36 +302,82 @@ def _check_finite(state, last_good: int | None) -> None:
             "Lower config.optim.lr, set config.optim.grad_clip, or check the data for NaNs.")
 
 
+def _parallel(config) -> dict:
+    """config.parallel with defaults (configs written before the group existed train replicated)."""
+    group = config.parallel.to_dict() if "parallel" in config else {}
+    return {"fsdp": int(group.get("fsdp", 1)), "fsdp_min_size": int(group.get("fsdp_min_size", 2**12))}
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config` in `workdir`, resuming from its newest checkpoint; returns the last metrics."""
+    """Train `config` in `workdir`, resuming from its newest checkpoint; returns the last metrics.
+
+    Everything that can be checked is checked before the workdir is touched
+    or anything compiles (config, batch layout, data split, the workdir's
+    stored model); then process 0 locks the workdir for the run.
+    """
     validate_config(config)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(fsdp=_parallel(config)["fsdp"])
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     cfg_dict = checkpoints.config_to_dict(config)
+    wd.check_workdir(workdir)
     checkpoints.check_workdir_config(workdir, cfg_dict)
-    checkpoints.write_config(workdir, cfg_dict)
+    data_it = _data_iterator(config, _uses_labels(config))
+    os.makedirs(workdir, exist_ok=True)
+    lock = wd.lock_workdir(workdir, is_main=parallel.is_main_process(), broadcast=_broadcast_from_0())
+    try:
+        return _train(config, workdir, mesh, cfg_dict, data_it, lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _broadcast_from_0():
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+
+    return lambda x: int(multihost_utils.broadcast_one_to_all(np.int32(x)))
+
+
+def _resume_bookkeeping(workdir: str, cfg_dict: dict, restored_step, lock) -> None:
+    """After the resume decision: config.json, metrics rows past the restored step trimmed, lock owner."""
+    checkpoints.write_config(workdir, cfg_dict)
+    if not parallel.is_main_process():
+        return
+    removed = wd.trim_metrics(workdir, restored_step or 0)
+    if removed:
+        wd.warn(f"{workdir}/metrics.jsonl: dropped {removed} rows past step {restored_step or 0} "
+                "(those steps are trained again)")
+    if lock is not None:
+        lock.write_owner()
+
+
+def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
     schedule = make_schedule(config)
     spec = make_spec(config, schedule)
     model = make_model(config)
     tx, lr_fn = train_steps.make_optimizer(num_steps=config.train.num_steps, **config.optim.to_dict())
     with_labels = _uses_labels(config)
-    data_it = _data_iterator(config, with_labels)
     text = (_TextBatcher.from_config(config) or _LowResBatcher.from_config(config)
             or clip_train.CaptionBatcher.from_config(config))
 
-    repl = parallel.replicated(mesh)
-    init = jax.jit(lambda key: train_steps.init_state(init_params(model, config, key), tx, spec), out_shardings=repl)
-    state = init(jax.random.key(config.seed))
+    min_size = _parallel(config)["fsdp_min_size"]
+    state = train_steps.create_state(mesh, lambda key: train_steps.init_state(init_params(model, config, key), tx, spec),
+                                     jax.random.key(config.seed), min_size=min_size)
     manager = checkpoints.make_manager(workdir, keep=config.train.keep_checkpoints)
-    restored, restored_step = checkpoints.restore_latest(manager, state, data_it)
+    restored, restored_step = checkpoints.restore_latest(manager, state, data_it, ema_rates=spec.ema_rates,
+                                                         config=cfg_dict)
     if restored is not None:
         state = restored
         print(f"resumed from {workdir}/checkpoints at step {restored_step}", flush=True)
+    elif os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)) and parallel.is_main_process():
+        wd.warn(f"{workdir} has a config.json but no checkpoint: training starts at step 0")
+    _resume_bookkeeping(workdir, cfg_dict, restored_step, lock)
     step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx,
+                                       state_sharding=train_steps.state_shardings(mesh, state, min_size=min_size),
                                        step_fn=clip_train.clip_step if config.kind == "clip" else None)
     hooks = _Hooks(config, workdir, mesh, model, schedule)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, purge_step=(restored_step or 0) + 1)
     rng = parallel.replicated_key(mesh, config.seed + 1)
     start = int(jax.device_get(state.step))
     last_good = restored_step
@@ -342,9 +406,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last_good = done
                 hooks.after_step(done, state, writer)
                 if preempt.requested:
-                    print(f"SIGTERM: checkpointed step {done} and stopped; re-run to resume", flush=True)
+                    print(f"{preempt.signal_name}: checkpointed step {done} and stopped; re-run to resume",
+                          flush=True)
                     break
-        hooks.at_end(int(jax.device_get(state.step)), state, writer)
+        if not preempt.requested:  # Stopping on a signal: no end-of-run grid (a compile), just exit.
+            hooks.at_end(int(jax.device_get(state.step)), state, writer)
     finally:
         manager.wait_until_finished()
         manager.close()
