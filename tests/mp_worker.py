@@ -1,16 +1,17 @@
 """One process of a multi-process run on localhost (spawned by multiprocess_test.py).
 
-Usage: python tests/mp_worker.py MODE PROCESS_ID NUM_PROCESSES PORT OUT [WORKDIR]
+Usage: python tests/mp_worker.py MODE PROCESS_ID NUM_PROCESSES PORT OUT [WORKDIR [OVERRIDES_JSON]]
 MODE "steps": three train steps on fixed global batches, this process feeding
 its half; writes losses and params to OUT.  MODE "train": the whole
-train.py program (tiny config) into WORKDIR.
+train.py program (tiny config, 2 steps, or OVERRIDES_JSON's dotted
+overrides) into WORKDIR.  MP_DEVICES sets the devices per process (default 2).
 """
 import json
 import os
 import sys
 
 mode, pid, nproc, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.environ.get('MP_DEVICES', '2')}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +45,8 @@ if mode == "steps":
 else:
     from diffusion_jax.training import loop as train_lib  # noqa: E402
 
-    config = train_test._tiny(**{"train.num_steps": 2, "train.checkpoint_every": 2})
+    overrides = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {"train.num_steps": 2, "train.checkpoint_every": 2}
+    config = train_test._tiny(**overrides)
     train_lib.train_and_evaluate(config, sys.argv[6])
     with open(out, "w") as f:
         json.dump({"ok": True, "process": jax.process_index()}, f)
