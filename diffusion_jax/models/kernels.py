@@ -30,13 +30,14 @@ attention goes through JAX's one entry point to the fused kernels:
 
 - ``group_norm_xla``: mean and variance of the ``[B, N, G, C/G]`` view in
   float32 (two passes, as torch), autodiff backward.
-- ``attention_xla``: ``jax.nn.dot_product_attention`` on [B, T, heads, ch]
-  with ``implementation=None``: float32 logits and softmax, the weights
-  cast to the value dtype before the second matmul (OpenAI's fp16
-  semantics). None leaves the choice to JAX: cuDNN flash attention (O(T)
-  memory) where JAX selects it for the call; JAX 0.10's None still means
-  its XLA form (einsum, float32 softmax, einsum), which the TPU and GPU
-  compilers fuse.
+- ``attention_xla``: ``jax.nn.dot_product_attention`` on [B, T, heads, ch]:
+  float32 logits and softmax, the weights cast to the value dtype before
+  the second matmul (OpenAI's fp16 semantics). On GPU with bf16/fp16 inputs
+  it requests cuDNN's flash attention (O(T) memory; ADM-256 attends over
+  1024 tokens), falling back where cuDNN refuses the shapes; elsewhere
+  JAX's XLA form (einsum, float32 softmax, einsum), which the TPU and GPU
+  compilers fuse. JAX 0.10's ``implementation=None`` never picks cuDNN by
+  itself. The cuDNN branch has not run here (no GPU was lent).
 - ``upsample_conv3x3_xla``: the plain 3x3 conv of the nearest-upsampled
   image.
 
@@ -204,9 +205,26 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.swapaxes(_attention_heads(q, k, v), 1, 2)
 
 
+# Errors JAX's cuDNN attention raises at trace time for shapes, dtypes or cuDNN versions outside
+# its flash kernel (head size, sequence length, compute capability).
+_CUDNN_INELIGIBLE = (ValueError, NotImplementedError, RuntimeError, TypeError)
+
+
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """``attention``'s textbook form: ``jax.nn.dot_product_attention`` (float32 logits and softmax)."""
-    return jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), implementation=None)
+    """``attention``'s textbook form: ``jax.nn.dot_product_attention`` (float32 logits and softmax).
+
+    On GPU with bf16/fp16 inputs it asks for cuDNN's fused flash attention
+    (O(T) memory); JAX 0.10's ``implementation=None`` always takes the XLA
+    path, so the choice is made here, falling back to XLA's form where cuDNN
+    refuses the shapes at trace time. Elsewhere (TPU, float32) XLA's form.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        except _CUDNN_INELIGIBLE:
+            pass
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernels: str = "auto") -> jax.Array:
