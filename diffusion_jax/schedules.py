@@ -61,7 +61,58 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarr
     )
 
 
-def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> set[int]:
+SOLVER_SPACINGS = ("logsnr", "quad")  # `timestep_respacing` prefixes of `solver_timesteps`
+
+
+def solver_timesteps(betas: np.ndarray, count: int, spacing: str) -> set[int]:
+    """N original timesteps spaced for an ODE solver, always including T-1 and 0.
+
+    Lu et al. (2022a, Sec. 3.4 / App. D) step DPM-Solver uniformly in lambda =
+    log(alpha / sigma) ("logSNR") or quadratically in t ("time_quadratic")
+    rather than uniformly in t.  Here the targets are snapped to the original
+    integer grid, so the model is still evaluated only at trained timesteps:
+
+      "logsnr": lambda_i = lambda(T-1) + i / (N-1) (lambda(0) - lambda(T-1)),
+                t_i = the grid timestep whose lambda is nearest;
+      "quad":   t_i = round((T-1) (1 - i / (N-1))^2), i = 0..N-1.
+
+    Where rounding maps two targets to one timestep (dense ends), the later
+    one moves to the next unused smaller timestep, so exactly N distinct steps
+    are kept.  All in float64.
+
+    Args:
+      betas: the original float64 betas `[T]`.
+      count: N, 2 <= N <= T.
+      spacing: "logsnr" or "quad".
+
+    Returns:
+      The set of kept original indices (a subset of range(T) with N elements).
+    """
+    betas = np.asarray(betas, np.float64)
+    num_timesteps = betas.shape[0]
+    if not 2 <= count <= num_timesteps:
+        raise ValueError(f"respacing {spacing}{count}: need 2 <= N <= {num_timesteps} steps")
+    u = np.linspace(0.0, 1.0, count)
+    if spacing == "logsnr":
+        abar = np.cumprod(1.0 - betas)
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # increasing as t decreases
+        targets = lam[-1] + u * (lam[0] - lam[-1])
+        wanted = [int(np.argmin(np.abs(lam - x))) for x in targets]
+    elif spacing == "quad":
+        wanted = [int(round((num_timesteps - 1) * (1.0 - x) ** 2)) for x in u]
+    else:
+        raise ValueError(f"unknown solver spacing {spacing!r}; accepted: {', '.join(SOLVER_SPACINGS)}")
+    kept = []  # descending, distinct; the first is T-1, the last is 0
+    for i, t in enumerate(wanted):
+        floor = count - 1 - i  # leave room for the remaining steps down to 0
+        t = max(min(t, kept[-1] - 1 if kept else num_timesteps - 1), floor)
+        kept.append(t)
+    kept[-1] = 0
+    return set(kept)
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int],
+                    betas: np.ndarray | None = None) -> set[int]:
     """Which original timesteps a respaced process keeps (OpenAI's semantics).
 
     Args:
@@ -70,7 +121,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
         T % n sections one step longer, and take evenly spaced points in each
         with Python's round-half-to-even), "ddimN" (the smallest integer stride s
         with len(range(0, T, s)) == N), "fast27" (GLIDE's upsampler preset:
-        "10,10,3,2,2" with T-1 swapped for T-3), or a list of per-section counts.
+        "10,10,3,2,2" with T-1 swapped for T-3), "logsnrN" / "quadN" (N steps
+        spaced for an ODE solver, `solver_timesteps`; need `betas`), or a list
+        of per-section counts.
+      betas: the original betas `[T]` (only the solver spacings read them).
 
     Returns:
       The set of kept original indices.
@@ -80,6 +134,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
     """
     if isinstance(section_counts, str):
         text = section_counts.strip()
+        for spacing in SOLVER_SPACINGS:
+            if text.startswith(spacing) and text[len(spacing):].isdigit():
+                if betas is None:
+                    raise ValueError(f"respacing {text!r} spaces steps by the noise schedule; pass betas")
+                return solver_timesteps(betas, int(text[len(spacing):]), spacing)
         if text == "fast27":
             # glide-text2im: avoid DDIM artifacts of starting at T-1.
             steps = space_timesteps(num_timesteps, "10,10,3,2,2")
@@ -104,7 +163,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
             counts = [int(x) for x in text.split(",")]
         except ValueError:
             raise ValueError(
-                f"bad respacing {section_counts!r}: expected '', 'N', 'a,b,c' or 'ddimN'"
+                f"bad respacing {section_counts!r}: expected '', 'N', 'a,b,c', 'ddimN', 'logsnrN' or 'quadN'"
             ) from None
     else:
         counts = [int(x) for x in section_counts]
@@ -288,6 +347,6 @@ def make_schedule(noise_schedule: str, diffusion_steps: int, timestep_respacing:
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     respacing = timestep_respacing if timestep_respacing not in (None, "") else [diffusion_steps]
-    new_betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, respacing))
+    new_betas, timestep_map = respace_betas(betas, space_timesteps(diffusion_steps, respacing, betas))
     return Schedule.from_betas(new_betas, timestep_map, rescale_timesteps=rescale_timesteps,
                                original_num_steps=diffusion_steps)

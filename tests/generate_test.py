@@ -144,19 +144,25 @@ class SamplerTableTest(parameterized.TestCase):
         self.assertEqual(choice.clip_denoised, row.clip_denoised)
         rng, shape = jax.random.key(1), (3,) + SHAPE
         got = jax.jit(lambda: samplers.make_loop(choice)(rng, _model_fn, SCHEDULE, shape, **KW))()
-        want = jax.jit(lambda: row.loop(rng, _model_fn, SCHEDULE, shape, clip_denoised=row.clip_denoised,
-                                        **dict(row.options), **KW))()
+        want = jax.jit(lambda: sampling.named_sampler(name)(rng, _model_fn, SCHEDULE, shape,
+                                                            clip_denoised=row.clip_denoised, **KW))()
         np.testing.assert_array_equal(got, want)
         self.assertTrue(np.all(np.isfinite(got)))
 
     def test_defaults_and_names(self):
+        # One table: every math-layer name has exactly one row here.
+        self.assertEqual(tuple(samplers.SAMPLERS), sampling.SAMPLER_NAMES)
         self.assertEqual(set(samplers.SAMPLERS), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s"})
         self.assertTrue(samplers.SAMPLERS["ancestral"].clip_denoised and samplers.SAMPLERS["ddim"].clip_denoised)
         for name in ("dpm++2m", "dpm++3m", "dpm2s"):
             self.assertFalse(samplers.SAMPLERS[name].clip_denoised)
-            self.assertIs(samplers.SAMPLERS[name].loop, sampling.dpm_solver_sample_loop)
-        self.assertEqual(dict(samplers.SAMPLERS["dpm++3m"].options),
+            self.assertIs(samplers.SAMPLERS[name].loop.func, sampling.dpm_solver_sample_loop)
+        self.assertEqual(samplers.SAMPLERS["dpm++3m"].loop.keywords,
                          {"order": 3, "method": "multistep", "algorithm": "dpmsolver++"})
+        self.assertEqual(samplers.SAMPLERS["dpm2s"].loop.keywords,
+                         {"order": 2, "method": "singlestep", "algorithm": "dpmsolver"})
+        self.assertIs(samplers.SAMPLERS["ancestral"].loop.func, sampling.p_sample_loop)
+        self.assertIs(samplers.SAMPLERS["ddim"].loop.func, sampling.ddim_sample_loop)
         self.assertEqual(samplers.choose().name, "ancestral")
         self.assertEqual(samplers.choose(use_ddim=True, eta=0.5), samplers.Choice("ddim", True, 0.5))
         self.assertFalse(samplers.choose("ddim", clip_denoised=False).clip_denoised)

@@ -1,15 +1,15 @@
 """The sampler table: `sample.py --sampler=NAME` and the training grids pick a loop here.
 
-Adding a sampler is one entry in `SAMPLERS`: the loop (any function called as
-`loop(rng, model_fn, schedule, shape, *, mean_type, var_type, clip_denoised,
-cond_fn, y, sample_ids, x_T, progress)`), the options bound to it, its
-`clip_denoised` default and whether it takes DDIM's `eta`.
+The math layer owns name -> loop (`sampling.named_sampler`, names
+`sampling.SAMPLER_NAMES`); this table adds only what programs need on top:
+each name's `clip_denoised` default and whether it takes DDIM's `eta`.
+Adding a sampler is one entry in `sampling.named_sampler` and one row here.
 
 - "ancestral": `sampling.p_sample_loop` (Ho et al. 2020, Eq. 11; OpenAI's `p_sample_loop`).
 - "ddim": `sampling.ddim_sample_loop` (Song et al. 2021, Eq. 12; `eta` > 0 adds noise).
 - "dpm++2m" / "dpm++3m": `sampling.dpm_solver_sample_loop`, multistep DPM-Solver++ of order 2 / 3
   (Lu et al. 2022b, Alg. 2).
-- "dpm2s": singlestep DPM-Solver++ of order 2 (Lu et al. 2022b, Alg. 1).
+- "dpm2s": singlestep DPM-Solver-2 (noise prediction; Lu et al. 2022a, Alg. 1).
 
 OpenAI's ancestral and DDIM loops clip the x0 prediction to [-1, 1] by default;
 DPM-Solver is analysed without thresholding, so its entries default to no
@@ -36,17 +36,17 @@ class Sampler:
     takes_eta: bool = False  # DDIM's eta applies
 
 
-def _dpm(order: int, method: str) -> Sampler:
-    options = types.MappingProxyType({"order": order, "method": method, "algorithm": "dpmsolver++"})
-    return Sampler(sampling.dpm_solver_sample_loop, options, clip_denoised=False)
-
-
+_CLI_DEFAULTS = {  # name -> (clip_denoised default, takes eta)
+    "ancestral": (True, False),
+    "ddim": (True, True),
+    "dpm++2m": (False, False),
+    "dpm++3m": (False, False),
+    "dpm2s": (False, False),
+}
 SAMPLERS: Mapping[str, Sampler] = types.MappingProxyType({
-    "ancestral": Sampler(sampling.p_sample_loop),
-    "ddim": Sampler(sampling.ddim_sample_loop, takes_eta=True),
-    "dpm++2m": _dpm(2, "multistep"),
-    "dpm++3m": _dpm(3, "multistep"),
-    "dpm2s": _dpm(2, "singlestep"),
+    name: Sampler(sampling.named_sampler(name), clip_denoised=_CLI_DEFAULTS[name][0],
+                  takes_eta=_CLI_DEFAULTS[name][1])
+    for name in sampling.SAMPLER_NAMES
 })
 
 
