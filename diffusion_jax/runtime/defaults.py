@@ -48,10 +48,11 @@ def get_config():
         diffusion_steps=1000,  # T.
         timestep_respacing="",  # Respacing used for training ("" = all T steps).
         rescale_timesteps=False,  # Feed the network t * 1000 / T (improved-diffusion's default).
-        mean_type="epsilon",  # "epsilon" | "start_x" | "previous_x".
+        mean_type="epsilon",  # "epsilon" | "start_x" | "previous_x" | "v" (v = alpha eps - sigma x0, Salimans & Ho 2022).
         var_type="learned_range",  # "fixed_small" | "fixed_large" | "learned" | "learned_range".
         loss_type="rescaled_mse",  # "mse" | "rescaled_mse" (L_hybrid, lambda = 1e-3) | "kl" | "rescaled_kl" (L_vlb).
         schedule_sampler="uniform",  # "uniform" | "loss-second-moment" (importance-sampled t).
+        snr_gamma=0.0,  # Min-SNR-gamma weighting of the MSE term (Hang et al. 2023; 5 is typical); 0 = off (OpenAI's loss).
     ))
 
     # ---- data.

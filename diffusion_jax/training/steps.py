@@ -50,6 +50,7 @@ class StepSpec:
     var_type: str
     loss_type: str
     sampler: Any  # objectives.UniformSampler | LossSecondMomentSampler
+    snr_gamma: float = 0.0  # min-SNR-gamma weight of the MSE term (objectives.training_losses); 0 = off
     ema_rates: tuple = ()
     ema_warmup: bool = False  # rate_t = min(rate, (1 + step) / (10 + step)): short runs forget the init
     microbatches: int = 1
@@ -215,7 +216,7 @@ def diffusion_step(state: TrainState, batch: dict, rng: jax.Array, *, model, sch
                            {"dropout": jax.random.fold_in(drop_rng, mb["index"][0])}, text=spec.text)
         terms = objectives.training_losses(schedule, out, mb["x_start"], mb["x_t"], mb["t"], mb["noise"],
                                            mean_type=spec.mean_type, var_type=spec.var_type,
-                                           loss_type=spec.loss_type)
+                                           loss_type=spec.loss_type, snr_gamma=spec.snr_gamma)
         return jnp.mean(terms.loss * mb["weights"]), terms
 
     (loss, terms), grads = _accumulate(loss_fn, state.params, micro, spec.microbatches, layout)
