@@ -23,7 +23,8 @@ from diffusion_jax.generation import samplers
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size (rounded up to a multiple of the device count).")
-flags.DEFINE_string("timestep_respacing", None, "'N', 'a,b,c' or 'ddimN'; default: the checkpoint's own.")
+flags.DEFINE_string("timestep_respacing", None, "'N', 'a,b,c', 'ddimN', or solver spacings 'quadN' / "
+                    "'logsnrN'; default: the checkpoint's own.")
 flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampling loop (default: ancestral, or ddim with "
                   "--use_ddim); see diffusion_jax/generation/samplers.py.")
 flags.DEFINE_boolean("use_ddim", False, "Alias of --sampler=ddim.")
