@@ -52,6 +52,9 @@ flags.DEFINE_string("inpaint_mask", None, "GLIDE inpainting: PNG (255/white = ke
 flags.DEFINE_string("upsample_respacing", "fast27", "The upsampler's respacing (GLIDE: fast27).")
 flags.DEFINE_boolean("upsample_ddim", True, "DDIM for the upsampler (GLIDE's recipe); --noupsample_ddim: ancestral.")
 flags.DEFINE_float("upsample_temp", 0.997, "The upsampler's initial-noise multiplier (GLIDE: 0.997).")
+flags.DEFINE_string("clip_workdir", None, "CLIP guidance of a text model: a CLIP pair workdir (kind 'clip', "
+                    "configs/digits_clip.py); the model samples the prompt without --cfg_scale (GLIDE's recipe).")
+flags.DEFINE_float("clip_scale", 1.0, "CLIP guidance scale.")
 flags.DEFINE_integer("seed", 0, "Sample i is a function of (seed, i) only.")
 flags.DEFINE_float("ema_rate", None, "Which EMA of a training workdir to use; default: the checkpoint's choice.")
 flags.DEFINE_string("out", None, "Output directory (or a .npz path); default <workdir>/samples.")

@@ -150,7 +150,8 @@ def clip_cond_fn(image_fn: ClassifierFn, text_embeddings: jax.Array, scale: floa
         (e.g. `lambda x, t: clip_image.apply({'params': p}, x, t)`). It receives
         the sampler's model timesteps: GLIDE's noised CLIP indexes a table by the
         original timestep, so use a schedule without `rescale_timesteps`.
-      text_embeddings: raw text embeddings `[B, D]` (or `[1, D]` / `[D]`, broadcast).
+      text_embeddings: raw text embeddings `[B, D]` (or `[1, D]` / `[D]`, broadcast); another
+        row count raises a ValueError naming both shapes (at trace time).
       scale: the guidance scale s.
       logit_scale: CLIP's logit scale (exp of its learned temperature; 100 in GLIDE).
 
@@ -165,6 +166,11 @@ def clip_cond_fn(image_fn: ClassifierFn, text_embeddings: jax.Array, scale: floa
 
         def logit(x_in):
             z = image_fn(x_in, timesteps).astype(jnp.float32)
+            if text.ndim == 2 and text.shape[0] not in (1, z.shape[0]):
+                raise ValueError(
+                    f"CLIP guidance got {text.shape[0]} text embeddings {text.shape} for a batch of {z.shape[0]} "
+                    f"images {x.shape}: pass one prompt per image ([{z.shape[0]}, {text.shape[1]}]) or a single "
+                    "prompt for all ([1, D] / [D]), e.g. the prompt list repeated to the batch size")
             z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
             return logit_scale * jnp.sum(jnp.broadcast_to(text, z.shape) * z)
 

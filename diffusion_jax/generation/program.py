@@ -53,6 +53,8 @@ class SampleOptions:
     upsample_respacing: str = "fast27"
     upsample_ddim: bool = True
     upsample_temp: float = 0.997  # the upsampler's x_T multiplier (GLIDE's notebook)
+    clip_workdir: str | None = None  # a CLIP pair (kind "clip") guiding a text model (generation.clip_guidance)
+    clip_scale: float = 1.0  # CLIP guidance scale
     # Super-resolution (generation.superres) and GLIDE inpainting (generation.inpaint).
     base_samples: str | None = None  # OpenAI-format .npz of low-res samples for a 'super_res' --workdir
     inpaint_image: str | None = None  # PNG/JPEG/.npz image to inpaint
@@ -228,8 +230,12 @@ def run(workdir: str, opts: SampleOptions, log: Callable[[str], None] = print) -
     for workflow in (inpaint, superres):  # --inpaint_*, --base_samples, ADM cascades
         if workflow.applies(cfg, opts, workdir):
             return workflow.run(module, params, cfg, workdir, opts, load_for_inference, log=log)
+    if opts.clip_scale != 1.0 and not opts.clip_workdir:
+        raise ValueError("--clip_scale given without --clip_workdir")
     if cfg["kind"].startswith("glide"):
         return text_program.run_text(module, params, cfg, workdir, opts, log=log)
+    if opts.clip_workdir:
+        raise ValueError(f"--clip_workdir guides text (GLIDE) models; {workdir} holds a {cfg['kind']!r} model")
     if opts.prompts or opts.upsampler_workdir or opts.tokenizer_dir:
         raise ValueError(f"--prompt, --prompts_file, --tokenizer_dir and --upsampler_workdir need a text (GLIDE) "
                          f"model; {workdir} holds a {cfg['kind']!r} model")

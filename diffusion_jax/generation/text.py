@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import sampling, schedules, text
-from diffusion_jax.generation import engine, images, samplers
+from diffusion_jax.generation import clip_guidance, engine, images, samplers
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.runtime.checkpoints import load_for_inference
 
@@ -48,6 +48,7 @@ class TextPlan:
     sampler: samplers.Choice
     noise_scale: float = 1.0  # x_T multiplier (GLIDE's upsampler: 0.997)
     low_res: bool = False  # an upsampler: takes the previous stage's images
+    clip: Any = None  # generation.clip_guidance.ClipGuide: CLIP guidance (--clip_workdir)
 
 
 def load_tokenizer(cfg: dict, tokenizer_dir: str | None):
@@ -145,16 +146,18 @@ def make_text_sample_fn(module, plan: TextPlan, progress: bool) -> Callable:
     null = tc.null_caption(plan.tokenizer, plan.text_ctx)
     loop = samplers.make_loop(plan.sampler)
 
-    def fn(params, rng, sample_ids, cond):
+    def fn(args, rng, sample_ids, cond):
+        params, clip_params = args if plan.clip is not None else (args, None)
         fixed = {"low_res": cond["low_res"]} if plan.low_res else {}
         model_fn, y = tc.text_model_fn(module, params, cond["tokens"], cond["mask"], null=null,
                                        cfg_scale=plan.cfg_scale, **fixed)
+        cond_fn = None if plan.clip is None else clip_guidance.make_cond_fn(plan.clip, clip_params, cond["clip"])
         shape = (sample_ids.shape[0],) + plan.image_shape
         x_T = None
         if plan.noise_scale != 1.0:
             x_T = sampling.initial_noise(sampling.sample_keys(rng, sample_ids), shape) * plan.noise_scale
         return loop(rng, model_fn, plan.schedule, shape, mean_type=plan.mean_type, var_type=plan.var_type, y=y,
-                    sample_ids=sample_ids, x_T=x_T, progress=progress)
+                    sample_ids=sample_ids, x_T=x_T, progress=progress, cond_fn=cond_fn)
 
     return fn
 
@@ -166,7 +169,10 @@ def text_conditioning(plan: TextPlan, low_res: np.ndarray | None = None) -> Call
     images become floats on their 8-bit grid, `x / 127.5 - 1`.
     """
     def cond(ids):
-        out = tc.caption_batch(plan.tokenizer, np.asarray(plan.prompts)[prompt_index(plan, ids)], plan.text_ctx)
+        prompts = np.asarray(plan.prompts)[prompt_index(plan, ids)]
+        out = tc.caption_batch(plan.tokenizer, prompts, plan.text_ctx)
+        if plan.clip is not None:  # the CLIP's own tokens of the same prompts
+            out["clip"] = clip_guidance.prompt_tokens(plan.clip, prompts)
         if plan.low_res:
             out["low_res"] = np.asarray(low_res[ids], np.float32) / 127.5 - 1.0
         return out
@@ -183,7 +189,8 @@ def generate_text(module, params, plan: TextPlan, opts, *, stage: int = 0, low_r
     """
     out = engine.generate(make_text_sample_fn(module, plan, opts.progress), opts.num_samples,
                           batch_size=opts.batch_size, rng=jax.random.fold_in(jax.random.key(opts.seed), stage),
-                          args=params, conditioning=text_conditioning(plan, low_res), log=log,
+                          args=params if plan.clip is None else (params, plan.clip.params),
+                          conditioning=text_conditioning(plan, low_res), log=log,
                           desc="upsample " if plan.low_res else "")
     return out.images
 
@@ -191,6 +198,13 @@ def generate_text(module, params, plan: TextPlan, opts, *, stage: int = 0, low_r
 def run_text(module, params, cfg: dict, workdir: str, opts, log: Callable[[str], None] = print):
     """Base stage (+ optional upsampler) for a GLIDE model; writes files on process 0."""
     plan = make_text_plan(cfg, opts, load_tokenizer(cfg, opts.tokenizer_dir))
+    if opts.clip_workdir:  # GLIDE's CLIP-guided recipe: the conditional model, no classifier-free guidance
+        if opts.cfg_scale is not None:
+            raise ValueError("--clip_workdir samples the text model conditioned on the prompt and guides it with "
+                             "CLIP (GLIDE's recipe); drop --cfg_scale, or drop --clip_workdir")
+        clip_guidance.check_prompts(plan.prompts, opts.num_samples)
+        plan = dataclasses.replace(plan, clip=clip_guidance.load(opts.clip_workdir, opts.clip_scale, cfg,
+                                                                 plan.image_shape))
     samples = generate_text(module, params, plan, opts, log=log)
     base = None
     if opts.upsampler_workdir:
