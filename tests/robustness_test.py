@@ -94,7 +94,8 @@ class TrainedWorkdirTest(absltest.TestCase):
                  ({"train.log_every": 0}, "log_every=0"),
                  ({"train.ema_rates": (0.9, 1.5)}, "ema_rates"),
                  ({"data.train_split": "nosuch"}, "nosuch"),
-                 ({"model.model_channels": 64}, "model.model_channels: checkpoint has 32")]
+                 ({"model.model_channels": 64}, "model.model_channels: checkpoint has 32"),
+                 ({"optim.grad_clip": 1.0}, "does not fit this config")]
         for overrides, fragment in cases:
             with pytest.raises(ValueError, match=fragment):
                 train_lib.train_and_evaluate(_tiny(**overrides), workdir)

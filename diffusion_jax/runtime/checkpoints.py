@@ -182,18 +182,29 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
-def _signature(tree) -> list:
-    return sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _signature(tree) -> dict:
+    """{"a.0.b": (shape, dtype)} of every array: orbax's metadata tree and a state give the same paths."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(_key_name(k) for k in path): (tuple(x.shape), str(x.dtype))
+            for path, x in leaves if hasattr(x, "shape")}
 
 
 def _structure_differences(meta: dict, template) -> list[str]:
-    """Groups of the train state whose arrays (shapes, dtypes) differ between a checkpoint and a template."""
+    """Groups of the train state whose arrays (paths, shapes, dtypes) differ between a checkpoint and a template."""
     diffs = []
     for field in ("params", "opt_state", "ema_params", "sampler_state"):
         a, b = _signature(meta.get(field)), _signature(getattr(template, field))
         if a != b:
-            diffs.append(f"{field}: the checkpoint holds {len(a)} arrays, this config {len(b)}"
-                         + ("" if len(a) != len(b) else " of other shapes"))
+            odd = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diffs.append(f"{field}: the checkpoint holds {len(a)} arrays, this config {len(b)}; they differ at "
+                         + ", ".join(f"{field}.{k}" for k in odd[:3]) + (" ..." if len(odd) > 3 else ""))
     return diffs
 
 
