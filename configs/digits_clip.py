@@ -4,12 +4,22 @@ Image tower: GLIDE's noised ViT on 2x2 patches of the 8x8 grey digits (repeated
 to RGB), with a timestep table over the same 1000-step cosine schedule as
 configs/glide_digits.py; text tower: a causal transformer over UTF-8 bytes
 (the byte tokenizer, 257 ids) read at the caption's end token. Symmetric
-InfoNCE with CLIP's learned temperature, at uniform random t. Sized to train in
-a few minutes on a 2-core CPU, then guide the GLIDE digits model:
+InfoNCE with CLIP's learned temperature, at uniform random t. Then guide the
+GLIDE digits model (GLIDE's recipe: the conditional model, no --cfg_scale):
 
     python train.py --config=configs/digits_clip.py                 # -> runs/digits_clip
     python sample.py --workdir=runs/glide_digits --prompt="a handwritten seven" \
-        --clip_workdir=runs/digits_clip --clip_scale=1 --timestep_respacing=50
+        --clip_workdir=runs/digits_clip --clip_scale=10 --timestep_respacing=50
+    python scripts/digits_clip_demo.py --workdir=runs/glide_digits --clip_workdir=runs/digits_clip \
+        --clip_scales=0,3,10,30 --timestep_respacing=50
+
+Measured (400 steps, about 20 minutes on a shared 2-core CPU at load ~20): the
+loss leaves its collapse plateau log(128) = 4.85 near step 200 and ends at 4.29
+(the best possible is about log(B / 10) = 2.5: captions of the same digit are
+indistinguishable from the image); zero-shot accuracy on noised test digits
+0.52 at t = 0, 0.29 at t = 500; prompted-digit accuracy of the GLIDE digits model
+(100 samples, 50 steps) 0.32 without CLIP guidance, 0.51 / 0.57 / 0.65 at
+scales 3 / 10 / 30. A lr of 3e-3 (batch 64) stayed on the plateau longer.
 """
 
 import ml_collections
