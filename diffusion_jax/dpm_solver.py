@@ -50,7 +50,11 @@ On grids respaced evenly in t (OpenAI's "K" and "ddimK"), the lambda steps
 at both ends do not shrink like 1/K (cosine: ~log((k+1)/k) near abar = 0,
 plus the beta <= 0.999 clip; every schedule: 0.5 log(T/K) into t = 0), so
 high orders pay off only in the middle of the chain; tests/dpm_solver_test.py
-measures the stated orders on a lambda-uniform grid.
+measures the stated orders on a lambda-uniform grid.  The respacings
+"logsnrK" / "quadK" (`schedules.solver_timesteps`) keep K original timesteps
+spaced uniformly in lambda / quadratically in t for the solver;
+scripts/dpm_toy_mixture.py and scripts/digits_steps_table.py compare them
+with the even grid.
 """
 
 from __future__ import annotations

@@ -53,13 +53,12 @@ def respacing(steps: int, spacing: str) -> str:
 
 
 def sample_cell(module, params, cfg, sampler: str, steps: int, spacing: str, num_samples: int,
-                seed: int) -> tuple[np.ndarray, float]:
+                seed: int, clip: bool) -> tuple[np.ndarray, float]:
     """(uint8 samples `[N, 8, 8, 1]`, seconds of the compiled run) for one table cell."""
     d, m = cfg["diffusion"], cfg["model"]
     sched = schedules.make_schedule(d["noise_schedule"], d["diffusion_steps"], respacing(steps, spacing),
                                     d.get("rescale_timesteps", False))
     loop = sampling.named_sampler(sampler)
-    clip = samplers.SAMPLERS[sampler].clip_denoised  # the programs' default per sampler
     shape = (num_samples, m["image_size"], m["image_size"], m["in_channels"])
     ids = jnp.arange(num_samples, dtype=jnp.int32)
     labels = ids % m["num_classes"]
@@ -82,7 +81,8 @@ def _done(path: str) -> dict:
         with open(path) as f:
             for line in f:
                 row = json.loads(line)
-                cells[(row["model"], row["sampler"], row["steps"], row["num_samples"], row["spacing"])] = row
+                clip = row.get("clip", samplers.SAMPLERS[row["sampler"]].clip_denoised)  # older rows: the default
+                cells[(row["model"], row["sampler"], row["steps"], row["num_samples"], row["spacing"], clip)] = row
     return cells
 
 
@@ -109,6 +109,8 @@ def main():
     ap.add_argument("--num_samples_at", default="", help="per-step-count overrides, e.g. '1000=200'")
     ap.add_argument("--spacing", default="", help="'' (OpenAI's even respacing) or a solver spacing: "
                                                    f"{', '.join(schedules.SOLVER_SPACINGS)}")
+    ap.add_argument("--clip_denoised", default="", choices=["", "true", "false"],
+                    help="clip x0 predictions to [-1, 1]; '': each sampler's sample.py default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/steps_table")
     args = ap.parse_args()
@@ -134,20 +136,22 @@ def main():
         for k in steps:
             n = per_steps.get(k, args.num_samples)
             for s in sampler_names:
-                key = (name, s, k, n, args.spacing)
+                clip = (samplers.SAMPLERS[s].clip_denoised if not args.clip_denoised
+                        else args.clip_denoised == "true")
+                key = (name, s, k, n, args.spacing, clip)
                 if key in done:
                     rows.append(done[key])
                     continue
-                images, secs = sample_cell(module, params, cfg, s, k, args.spacing, n, args.seed)
+                images, secs = sample_cell(module, params, cfg, s, k, args.spacing, n, args.seed, clip)
                 labels = np.arange(n) % cfg["model"]["num_classes"]
-                row = dict(model=name, workdir=workdir, sampler=s, steps=k, num_samples=n, spacing=args.spacing,
+                row = dict(model=name, workdir=workdir, sampler=s, steps=k, num_samples=n, spacing=args.spacing, clip=clip,
                            fdd=clf.fdd(images, reference), acc=clf.accuracy(images, labels),
                            sec_per_1k=secs * 1000 / n, mean_type=cfg["diffusion"]["mean_type"],
                            var_type=cfg["diffusion"]["var_type"], loss_type=cfg["diffusion"]["loss_type"])
                 rows.append(row)
                 with open(cells_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(f"{name:>7} {s:>9} K={k:<5} N={n}: FDD {row['fdd']:.3f}  acc {row['acc']:.3f}  "
+                print(f"{name:>7} {s:>9} K={k:<5} N={n} clip={clip} {args.spacing}: FDD {row['fdd']:.3f}  acc {row['acc']:.3f}  "
                       f"{row['sec_per_1k']:.1f} s/1k", flush=True)
     print(markdown(rows, list(models), sampler_names, steps))
 

@@ -154,8 +154,8 @@ class SamplerTableTest(parameterized.TestCase):
         self.assertEqual(tuple(samplers.SAMPLERS), sampling.SAMPLER_NAMES)
         self.assertEqual(set(samplers.SAMPLERS), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s"})
         self.assertTrue(samplers.SAMPLERS["ancestral"].clip_denoised and samplers.SAMPLERS["ddim"].clip_denoised)
-        for name in ("dpm++2m", "dpm++3m", "dpm2s"):
-            self.assertFalse(samplers.SAMPLERS[name].clip_denoised)
+        for name in ("dpm++2m", "dpm++3m", "dpm2s"):  # data prediction thresholds x0; noise prediction does not
+            self.assertEqual(samplers.SAMPLERS[name].clip_denoised, name != "dpm2s")
             self.assertIs(samplers.SAMPLERS[name].loop.func, sampling.dpm_solver_sample_loop)
         self.assertEqual(samplers.SAMPLERS["dpm++3m"].loop.keywords,
                          {"order": 3, "method": "multistep", "algorithm": "dpmsolver++"})
@@ -166,7 +166,7 @@ class SamplerTableTest(parameterized.TestCase):
         self.assertEqual(samplers.choose().name, "ancestral")
         self.assertEqual(samplers.choose(use_ddim=True, eta=0.5), samplers.Choice("ddim", True, 0.5))
         self.assertFalse(samplers.choose("ddim", clip_denoised=False).clip_denoised)
-        self.assertTrue(samplers.choose("dpm++2m", clip_denoised=True).clip_denoised)
+        self.assertFalse(samplers.choose("dpm++2m", clip_denoised=False).clip_denoised)
 
     def test_ddim_eta_reaches_the_loop(self):
         rng, shape = jax.random.key(2), (2,) + SHAPE
