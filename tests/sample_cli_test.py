@@ -178,7 +178,8 @@ class PlanValidationTest(parameterized.TestCase):
 
     def test_plan_sampler(self):
         self.assertEqual(self._plan().sampler, program.samplers.Choice("ancestral", True))
-        self.assertEqual(self._plan(sampler="dpm++2m").sampler.clip_denoised, False)
+        self.assertEqual(self._plan(sampler="dpm++2m").sampler.clip_denoised, True)
+        self.assertEqual(self._plan(sampler="dpm2s").sampler.clip_denoised, False)
         self.assertEqual(self._plan(use_ddim=True, eta=0.5, clip_denoised=False).sampler,
                          program.samplers.Choice("ddim", False, 0.5))
 
