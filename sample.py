@@ -17,7 +17,7 @@ from absl import app, flags
 
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
-from diffusion_jax.runtime import parallel
+from diffusion_jax.runtime import cli, parallel
 from diffusion_jax.generation import samplers
 
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)
