@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import chain, gaussian
 from diffusion_jax.schedules import Schedule
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++")
@@ -273,12 +274,11 @@ def _model_output(schedule: Schedule, model_fn, x: jax.Array, t: jax.Array, *, m
     shifts the score (eps - sqrt(1 - abar_t) grad, `condition_score`), and eps
     is re-derived from the (clipped) x0.
     """
-    from diffusion_jax import gaussian, sampling  # sampling re-exports this module, so import it late.
 
-    out = sampling.model_mean_variance(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
+    out = chain.model_mean_variance(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
                                        clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
     if cond_fn is not None:
-        out = sampling.condition_score(schedule, cond_fn, out, x, t, y=y)
+        out = chain.condition_score(schedule, cond_fn, out, x, t, y=y)
     return out.pred_xstart, gaussian.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
 
 
@@ -319,22 +319,21 @@ def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: 
         step's x0 prediction.
 
     Returns:
-      The final sample `[B, H, W, C]`, or a `sampling.Trajectory`.
+      The final sample `[B, H, W, C]`, or a `chain.Trajectory`.
 
     Raises:
       ValueError: unsupported order, method, algorithm or mean type.
     """
-    from diffusion_jax import gaussian, sampling  # sampling re-exports this module, so import it late.
 
     check_options(order=order, method=method, algorithm=algorithm, mean_type=mean_type)
     gaussian.check_mean_type(mean_type)
     gaussian.check_var_type(var_type)
     shape = tuple(int(d) for d in shape)
     sample_ids = jnp.arange(shape[0], dtype=jnp.int32) if sample_ids is None else jnp.asarray(sample_ids)
-    sampling.check_loop_shapes(shape, sample_ids, x_T)
+    chain.check_loop_shapes(shape, sample_ids, x_T)
     dtype = jnp.asarray(schedule.alphas_cumprod).dtype
     if x_T is None:
-        x_T = sampling.initial_noise(sampling.sample_keys(rng, sample_ids), shape)
+        x_T = chain.initial_noise(chain.sample_keys(rng, sample_ids), shape)
     x = jnp.asarray(x_T, dtype)
 
     num_steps = schedule.num_timesteps
@@ -342,7 +341,7 @@ def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: 
     alpha_next, sigma_next, c = coefficients(schedule, plan, algorithm=algorithm)
     denoise = lambda x, t: _model_output(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
                                          clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
-    report = sampling.progress_reporter(num_steps) if progress else None
+    report = chain.progress_reporter(num_steps) if progress else None
     starts_group = np.append(True, plan.ends_group[:-1])
 
     def body(carry, xs):
@@ -364,5 +363,5 @@ def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: 
     init = (x, jnp.zeros((3,) + x.shape, x.dtype), zeros, zeros)
     (x, *_), traj = jax.lax.scan(body, init, (ks, alpha_next, sigma_next, c, jnp.asarray(starts_group)))
     if return_trajectory:
-        return sampling.Trajectory(x, traj[0], traj[1])
+        return chain.Trajectory(x, traj[0], traj[1])
     return x

@@ -20,70 +20,33 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax import gaussian
+from diffusion_jax.chain import (  # noqa: F401  (public here since the first release)
+    CondFn,
+    ModelFn,
+    Trajectory,
+    check_loop_shapes,
+    condition_mean,
+    condition_score,
+    initial_noise,
+    model_mean_variance,
+    progress_reporter,
+    sample_keys,
+    step_noise,
+)
 from diffusion_jax.dpm_solver import dpm_solver_sample_loop
-from diffusion_jax.gaussian import MeanVariance, extract
+from diffusion_jax.gaussian import extract
 from diffusion_jax.schedules import Schedule
 
-ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
-CondFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s")
 
 
-class Trajectory(NamedTuple):
-    """Loop output with `return_trajectory=True`; step k is respaced t = K-1-k."""
-
-    sample: jax.Array  # [B, H, W, C], the final sample (== samples[-1])
-    samples: jax.Array  # [K, B, H, W, C], x after each step
-    pred_xstart: jax.Array  # [K, B, H, W, C], x0 prediction of each step
-
-
 # ----------------------------------------------------------------------------- single steps
-def model_mean_variance(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, *,
-                        mean_type: str, var_type: str, clip_denoised: bool = True, y=None,
-                        denoised_fn=None) -> MeanVariance:
-    """Run the network at x_t and form p(x_{t-1} | x_t) (`gaussian.p_mean_variance`)."""
-    model_output = model_fn(x_t, schedule.model_timesteps(t), y)
-    return gaussian.p_mean_variance(schedule, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
-                                    clip_denoised=clip_denoised, denoised_fn=denoised_fn)
-
-
-def condition_mean(schedule: Schedule, cond_fn: CondFn, pmv: MeanVariance, x_t: jax.Array, t: jax.Array, *,
-                   y=None) -> jax.Array:
-    """Classifier guidance on the mean: mu + Sigma * grad log p(y | x_t).
-
-    Sohl-Dickstein et al. (2015) / Dhariwal & Nichol (2021) Alg. 1.  Sigma is the
-    model's (possibly learned) variance and the gradient is taken at x_t, not at
-    the mean, exactly as guided-diffusion does (its issue #51).
-
-    Returns:
-      The shifted mean `[B, H, W, C]`.
-    """
-    grad = cond_fn(x_t, schedule.model_timesteps(t), y)
-    return pmv.mean.astype(jnp.float32) + pmv.variance * grad.astype(jnp.float32)
-
-
-def condition_score(schedule: Schedule, cond_fn: CondFn, pmv: MeanVariance, x_t: jax.Array, t: jax.Array, *,
-                    y=None) -> MeanVariance:
-    """Classifier guidance on the score: eps <- eps - sqrt(1 - abar_t) * grad.
-
-    Dhariwal & Nichol (2021) Alg. 2 (Song et al. 2020's conditional score).
-    pred_xstart and the mean are recomputed from the shifted eps; the new
-    pred_xstart is *not* clipped again (it can be large even with clipping on).
-    abar_t is the respaced one, gathered as float32 and then 1 - abar, sqrt.
-    """
-    alpha_bar = extract(schedule.alphas_cumprod, t, x_t.shape)
-    eps = gaussian.predict_eps_from_xstart(schedule, x_t, t, pmv.pred_xstart)
-    eps = eps - jnp.sqrt(1 - alpha_bar) * cond_fn(x_t, schedule.model_timesteps(t), y)
-    pred_xstart = gaussian.predict_xstart_from_eps(schedule, x_t, t, eps)
-    mean = gaussian.q_posterior(schedule, pred_xstart, x_t, t).mean
-    return MeanVariance(mean, pmv.variance, pmv.log_variance, pred_xstart)
 
 
 def _nonzero_mask(t: jax.Array, x: jax.Array) -> jax.Array:
@@ -166,54 +129,7 @@ def ddim_reverse_sample(schedule: Schedule, model_fn: ModelFn, x_t: jax.Array, t
     return mean_pred, out.pred_xstart
 
 
-# ----------------------------------------------------------------------------- randomness
-def sample_keys(rng: jax.Array, sample_ids: jax.Array) -> jax.Array:
-    """Per-sample keys `[B]`: `fold_in(rng, sample_ids[i])` (global sample index)."""
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(sample_ids, jnp.uint32))
-
-
-def initial_noise(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """x_T `[B, *shape[1:]]`: one standard-normal draw per sample key."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.split(k)[0], tuple(shape[1:])))(keys)
-
-
-def step_noise(keys: jax.Array, t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The noise of respaced step t (scalar) for each sample key, `[B, *shape[1:]]`."""
-    draw = lambda k: jax.random.normal(jax.random.fold_in(jax.random.split(k)[1], t), tuple(shape[1:]))
-    return jax.vmap(draw)(keys)
-
-
 # ----------------------------------------------------------------------------- loops
-class _Progress:
-    """Host-side tqdm bar fed by `jax.debug.callback` from inside the scan."""
-
-    def __init__(self, total: int):
-        self.total, self.bar, self.seen = total, None, 0
-
-    def __call__(self, k) -> None:
-        from tqdm.auto import tqdm
-
-        k = int(k)
-        if self.bar is None or k == 0:  # A new run of the compiled loop.
-            if self.bar is not None:
-                self.bar.close()
-            self.bar, self.seen = tqdm(total=self.total, desc="sampling", unit="step"), 0
-        self.bar.update(k + 1 - self.seen)
-        self.seen = k + 1
-        if self.seen == self.total:
-            self.bar.close()
-            self.bar = None
-
-
-def progress_reporter(num_steps: int) -> Callable[[jax.Array], None]:
-    """`report(k)` for use inside a scan over K steps: feeds a tqdm bar every ~K/50 steps."""
-    hook = _Progress(num_steps)
-    every = max(1, num_steps // 50)
-
-    def report(k):
-        lax.cond((k % every == 0) | (k == num_steps - 1), lambda: jax.debug.callback(hook, k), lambda: None)
-
-    return report
 
 
 def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Callable, explicit_noise, *,
@@ -237,14 +153,6 @@ def _run_chain(step: Callable, schedule: Schedule, x_T: jax.Array, noise_fn: Cal
     if return_trajectory:
         return Trajectory(x, traj[0], traj[1])
     return x
-
-
-def check_loop_shapes(shape, sample_ids, x_T) -> None:
-    """Raise a ValueError if `sample_ids` `[B]` or `x_T` do not fit `shape`."""
-    if sample_ids.shape != (shape[0],):
-        raise ValueError(f"sample_ids has shape {tuple(sample_ids.shape)} but the batch is {shape[0]} (shape {shape})")
-    if x_T is not None and tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {tuple(shape)}")
 
 
 def _loop(step: Callable, rng, schedule, shape, *, sample_ids, x_T, progress, return_trajectory):
