@@ -11,7 +11,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import convert
-from diffusion_jax.convert import openai_flags
+from diffusion_jax.convert import kinds, openai_flags, presets
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -128,7 +128,7 @@ class FlagsTest(parameterized.TestCase):
     def test_presets(self):
         repos = [p["repo"] for p in convert.PRESETS.values()]
         self.assertEqual((repos.count("improved"), repos.count("guided")), (8, 15))
-        cfgs = {name: openai_flags.resolve_preset(name) for name in convert.PRESETS}
+        cfgs = {name: presets.resolve_preset(name) for name in convert.PRESETS}
         m = cfgs["512x512_diffusion"]["model"]
         self.assertEqual(
             (m["channel_mult"], m["attention_resolutions"], m["num_classes"]),
@@ -186,10 +186,8 @@ class FlagsTest(parameterized.TestCase):
         self.assertEqual(cfgs["lsun_horse"]["model"]["dropout"], 0.1)
 
     def test_preset_builds(self):
-        from diffusion_jax import models
-
-        cfg = openai_flags.resolve_preset("cifar10_uncond_50M_500K")
-        module = models.build_model(cfg["kind"], **cfg["model"])
+        cfg = presets.resolve_preset("cifar10_uncond_50M_500K")
+        module = kinds.build(cfg["kind"], **cfg["model"])
         shapes = convert.param_shapes(module, cfg["kind"], cfg["model"])
         self.assertEqual(shapes[("out_2", "kernel")].shape, (3, 3, 128, 6))
 

@@ -13,7 +13,8 @@ from absl.testing import absltest
 from PIL import Image
 
 from configs import glide_digits
-from diffusion_jax import convert, models, text
+from diffusion_jax import convert, text
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import checkpoints
 from diffusion_jax.generation import program as sample_lib
 from diffusion_jax.training import loop as train_lib
@@ -44,7 +45,7 @@ def tiny_config(**overrides):
 def _save_converted_glide(directory):
     """A tiny RGB GLIDE model written like `python -m diffusion_jax.convert` does (no tokenizer settings)."""
     model = dict(tiny_config().model.to_dict(), in_channels=3, out_channels=6)
-    module = models.build_model("glide", **model)
+    module = kinds.build("glide", **model)
     shapes = jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32),
                                                   tokens=jnp.zeros((1, CTX), jnp.int32),
                                                   mask=jnp.ones((1, CTX), bool)), jax.random.key(0))["params"]

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax import convert, models
-from diffusion_jax.convert import glide, kinds, openai_flags
+from diffusion_jax import convert
+from diffusion_jax.convert import conversions, glide, kinds
 from diffusion_jax.convert.state_dict import torch_key
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -39,19 +39,34 @@ class TableTest(parameterized.TestCase):
             self.assertEqual(spec.name, name)
             self.assertLessEqual(set(spec.inputs), set(kinds.INPUTS), name)
             self.assertIn(spec.role, kinds.ROLES, name)
-            self.assertIn(spec.conversion.dialect, ("adm", "glide", "clip"), name)
-            self.assertTrue(callable(spec.conversion.resolve_flags), name)
+            self.assertIn(spec.dialect, kinds.DIALECTS, name)
+            self.assertEqual(conversions.of(name).dialect, spec.dialect, name)
+            self.assertTrue(callable(conversions.of(name).resolve_flags), name)
             if spec.samples or spec.trains:
                 self.assertNotEqual(spec.role, "encoder", name)
 
     def test_dialects_agree_with_their_resolvers(self):
-        """Each family's resolver accepts exactly the kinds the table gives it."""
-        self.assertEqual(set(kinds.names(dialect="adm")), set(openai_flags.KINDS))
-        self.assertEqual(set(kinds.names(dialect="glide")), set(glide.GLIDE_KINDS))
+        """Each family's resolver returns every kind the table gives it and refuses the others."""
+        for name, spec in kinds.KINDS.items():
+            for dialect, conversion in conversions.CONVERSIONS.items():
+                if dialect == spec.dialect or dialect == "clip":
+                    continue
+                with self.assertRaisesRegex(ValueError, "kind must be one of"):
+                    conversion.resolve_flags({"kind": name})
+        for name in TINY_FLAGS:
+            self.assertEqual(conversions.of(name).resolve_flags(TINY_FLAGS[name])["kind"], name)
 
-    def test_glide_classes_agree(self):
-        for name in kinds.names(dialect="glide"):
-            self.assertIs(kinds.get(name).module, models.GLIDE_CLASSES[name], name)
+    def test_denoiser_taking(self):
+        for name, spec in kinds.KINDS.items():
+            want = spec.role == "denoiser"
+            self.assertEqual(kinds.denoiser_taking(name, *sorted(spec.inputs)), want, name)
+            self.assertFalse(kinds.denoiser_taking(name, *sorted(spec.inputs), "inpaint")
+                             if "inpaint" not in spec.inputs else kinds.denoiser_taking(name), name)
+        with self.assertRaisesRegex(ValueError, "unknown inputs"):
+            kinds.denoiser_taking("unet", "audio")
+
+    def test_from_noise(self):
+        self.assertEqual(tuple(k for k, spec in kinds.KINDS.items() if spec.from_noise), ("unet", "glide"))
 
     def test_unknown_kind_lists_the_known_ones(self):
         with self.assertRaisesRegex(ValueError, "unknown model kind 'vae'.*glide_upsample"):
@@ -74,19 +89,19 @@ class DispatchTest(parameterized.TestCase):
     def test_from_openai_round_trip(self, kind):
         """Random Flax params -> torch-named state dict -> from_openai: the same tree, for every kind."""
         spec = kinds.get(kind)
-        cfg = spec.conversion.resolve_flags(TINY_FLAGS[kind])
+        cfg = conversions.of(kind).resolve_flags(TINY_FLAGS[kind])
         self.assertEqual(cfg["kind"], kind)
         module = kinds.build(kind, **cfg["model"])
         shapes = convert.param_shapes(module, kind, cfg["model"])
         rng = np.random.default_rng(0)
         flat = {p: rng.standard_normal(s.shape).astype(np.float32) for p, s in shapes.items()}
-        key_fn = glide.glide_torch_key if spec.conversion.dialect == "glide" else torch_key
+        key_fn = glide.glide_torch_key if spec.dialect == "glide" else torch_key
         to_torch = {}
         for path, w in flat.items():  # invert the layout rules of state_dict.to_flax
             leaf = path[-1]
             if leaf == "kernel" and w.ndim == 4:
                 w = w.transpose(3, 2, 0, 1)
-            elif leaf == "kernel" or (leaf == "positional_embedding" and spec.conversion.dialect == "adm"):
+            elif leaf == "kernel" or (leaf == "positional_embedding" and spec.dialect == "adm"):
                 w = w.T
             to_torch[key_fn(path)] = w
         got_module, params = convert.from_openai(to_torch, TINY_FLAGS[kind])
@@ -129,7 +144,8 @@ class LayeringTest(absltest.TestCase):
                     rel = os.path.relpath(os.path.join(d, f[:-3]), os.path.dirname(PKG)).replace(os.sep, ".")
                     modules[rel.removesuffix(".__init__")] = os.path.join(d, f)
         edges = {m: {n for n in _imports(p, set(modules)) if not m.startswith(n + ".") and n != m}
-                 for m, p in modules.items() if m.startswith("diffusion_jax.convert")}
+                 for m, p in modules.items()
+                 if m.startswith("diffusion_jax.convert") and m != "diffusion_jax.convert.__main__"}  # an entry point
         higher = ("runtime", "data", "training", "generation", "evaluation")
         for m, targets in edges.items():
             for n in targets:

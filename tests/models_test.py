@@ -11,6 +11,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import convert, models
+from diffusion_jax.convert import kinds
 from diffusion_jax.models import layers, unet
 
 jax.config.update("jax_disable_most_optimizations", True)
@@ -39,7 +40,7 @@ def fixture_model(name: str):
         kw.pop(k, None)
     kw["image_size"] = meta["input_image_size"]
     kind = "classifier" if meta["class"].endswith("EncoderUNetModel") else "unet"
-    return kind, kw, models.build_model(kind, **kw)
+    return kind, kw, kinds.build(kind, **kw)
 
 
 @functools.cache
@@ -205,7 +206,7 @@ class UNetBehaviourTest(parameterized.TestCase):
             io["inputs/y"].astype(np.int32),
         )
         ref = io["outputs/out_timesteps_int"].transpose(0, 2, 3, 1)
-        out = jax.jit(models.build_model(kind, **kw, dtype="bfloat16").apply)(
+        out = jax.jit(kinds.build(kind, **kw, dtype="bfloat16").apply)(
             {"params": params}, *args
         )
         self.assertEqual(out.dtype, jnp.float32)
@@ -322,7 +323,7 @@ class UNetBehaviourTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "num_heads"):
             shapes(tiny_unet(num_heads=3), X8, T8, Y8)
         with self.assertRaisesRegex(ValueError, "accepted"):
-            models.build_model("glide_nope", image_size=8)
+            kinds.build("glide_nope", image_size=8)
 
 
 def torch_bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

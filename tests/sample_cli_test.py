@@ -12,7 +12,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from PIL import Image
 
-from diffusion_jax import convert, models
+from diffusion_jax import convert
+from diffusion_jax.convert import kinds
 from diffusion_jax.generation import images, program
 
 jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
@@ -52,7 +53,7 @@ def _cfg(kind, model, diffusion=DIFFUSION):
 
 
 def _save(directory, kind, model):
-    module = models.build_model(kind, **model)
+    module = kinds.build(kind, **model)
     x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
     inputs = (x, t) if kind == "classifier" else (x, t, None if model.get("num_classes") is None else t)
     convert.save_converted(directory, _cfg(kind, model), _random_params(module, *inputs), {"test": True})

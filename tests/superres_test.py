@@ -12,7 +12,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from configs import digits_sr
-from diffusion_jax import convert, models, sampling
+from diffusion_jax import convert, sampling
+from diffusion_jax.convert import kinds
 from diffusion_jax.data import conditioning
 from diffusion_jax.generation import images, program, superres
 from diffusion_jax.training import loop as train_lib
@@ -146,7 +147,7 @@ class BaseSamplesTest(parameterized.TestCase):
 
 
 def _save(directory, kind, model, source):
-    module = models.build_model(kind, **model)
+    module = kinds.build(kind, **model)
     x, t = jnp.zeros((1, model["image_size"], model["image_size"], 1)), jnp.zeros((1,), jnp.int32)
     inputs = (x, t, jnp.zeros((1, 4, 4, 1)), t) if kind == "super_res" else (x, t, t)
     shapes = jax.eval_shape(lambda k: module.init(k, *inputs), jax.random.key(0))["params"]

@@ -6,11 +6,12 @@ Layers (each imports only those above it):
   ``.npz`` / ``.safetensors`` / mappings, torch <-> Flax names and layouts,
   strict mapping (one ``CheckpointError`` lists every missing, unexpected and
   mis-shaped key). Loading never executes code.
-* ``openai_flags`` (flag dialects, ``str2bool``/``coerce_flag``), then the
-  families: ``adm`` (U-Net, super-res U-Net, classifier), ``glide``, ``clip``.
-* ``kinds``: the table from ``kind`` to module class, inputs, whether it
-  trains / samples, and its ``Conversion``.
-* ``api``: ``from_openai`` (dispatches through ``kinds``), converted directories;
+* ``kinds``: the table from ``kind`` to module class, inputs, role, whether it
+  trains / samples, and its flag dialect (imports only ``models``).
+* ``openai_flags`` (flag dialects, ``str2bool``/``coerce_flag``; ``presets``),
+  then the families: ``adm`` (U-Net, super-res U-Net, classifier), ``glide``,
+  ``clip``; ``conversions`` binds each dialect to its family's ``Conversion``.
+* ``api``: ``from_openai`` (dispatches through ``conversions``), converted directories;
   ``cli``: ``python -m diffusion_jax.convert``.
 
 CLI::
@@ -34,13 +35,12 @@ from diffusion_jax.convert.api import (  # noqa: F401  (the public API)
 )
 from diffusion_jax.convert.cli import main  # noqa: F401
 from diffusion_jax.convert.openai_flags import (  # noqa: F401
-    PRESETS,
     parse_flag_string,
     parse_openai_flags,
     resolve_flags,
-    resolve_preset,
     str2bool,
 )
+from diffusion_jax.convert.presets import PRESETS, resolve_preset  # noqa: F401
 from diffusion_jax.convert.state_dict import (  # noqa: F401
     CheckpointError,
     load_state_dict,

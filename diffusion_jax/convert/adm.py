@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.convert import openai_flags
+from diffusion_jax.convert import kinds, openai_flags
 from diffusion_jax.convert.state_dict import map_state_dict, shapes_of
 
 
@@ -38,10 +38,10 @@ def example_inputs(kind: str, model: Mapping) -> tuple:
     ``(x, t, low_res, y)`` (super_res) or ``(x, t, y)``; ``y`` is None when unconditional."""
     s, c = model["image_size"], model.get("in_channels", 3)
     t = jnp.zeros((1,), jnp.float32)
-    if kind == "classifier":
+    if kinds.get(kind).role == "classifier":
         return (jnp.zeros((1, s, s, c)), t)
     y = jnp.zeros((1,), jnp.int32) if model.get("num_classes") is not None else None
-    if kind == "super_res":
+    if kinds.takes(kind, "low_res"):
         lr = c // 2
         return (jnp.zeros((1, s, s, c - lr)), t, jnp.zeros((1, s, s, lr)), y)
     return (jnp.zeros((1, s, s, c)), t, y)

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax.convert import kinds
+from diffusion_jax.convert import conversions, kinds
 from diffusion_jax.convert.state_dict import load_state_dict, map_flat
 
 # Flags that only glide-text2im's model_creation has: without a kind they select the GLIDE family.
@@ -29,7 +29,7 @@ def from_openai(checkpoint, flags):
     Args:
       checkpoint: path (``.pt`` via ``torch.load(weights_only=True)``, ``.npz``,
         ``.safetensors``) or a mapping {state-dict key: array}.
-      flags: the kind's flag dialect (``kinds.Conversion.dialect``) plus ``kind``
+      flags: the kind's flag dialect (``kinds.Kind.dialect``) plus ``kind``
         (a key of ``kinds.KINDS``; default "unet"). ADM kinds ("unet",
         "super_res", "classifier") take OpenAI's ``script_util`` names plus
         ``num_classes``, ``channel_mult``, ``classifier_channel_mult``,
@@ -47,7 +47,7 @@ def from_openai(checkpoint, flags):
       ValueError: an unknown kind or flag; CheckpointError: a checkpoint that does not fit.
     """
     flags = dict(flags)
-    conversion = kinds.get(kind_of_flags(flags)).conversion
+    conversion = conversions.of(kind_of_flags(flags))
     if conversion.from_openai is not None:
         return conversion.from_openai(checkpoint, flags)
     return convert_state_dict(conversion.resolve_flags(flags), load_state_dict(checkpoint))
@@ -61,7 +61,7 @@ def convert_state_dict(cfg: dict, state_dict) -> tuple:
 
 def param_shapes(module, kind: str, model: dict) -> dict:
     """{flax path: ShapeDtypeStruct} of a module of ``kind`` built from ``model`` (``jax.eval_shape``)."""
-    return kinds.get(kind).conversion.param_shapes(module, kind, model)
+    return conversions.of(kind).param_shapes(module, kind, model)
 
 
 def params_from_state_dict(module, kind: str, model: dict, state_dict) -> dict:
@@ -70,7 +70,7 @@ def params_from_state_dict(module, kind: str, model: dict, state_dict) -> dict:
     Raises:
       CheckpointError: listing every missing, unexpected and mis-shaped key at once.
     """
-    return kinds.get(kind).conversion.params_from_state_dict(module, kind, model, state_dict)
+    return conversions.of(kind).params_from_state_dict(module, kind, model, state_dict)
 
 
 def _jsonable(d: dict) -> dict:

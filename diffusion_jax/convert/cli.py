@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax.convert import glide, openai_flags
+from diffusion_jax.convert import glide, openai_flags, presets
 from diffusion_jax.convert.api import convert_state_dict, save_converted
 from diffusion_jax.convert.state_dict import load_state_dict
 
@@ -23,8 +23,8 @@ def resolve_cli(preset: str | None, flags: str | None, repo: str) -> tuple[dict,
     if preset in glide.GLIDE_PRESETS:
         return glide.resolve_glide_preset(preset), {"repo": "glide", "preset": preset}
     if preset:
-        p = openai_flags.PRESETS[preset]
-        return openai_flags.resolve_preset(preset), {"flags": p["flags"], "repo": p["repo"], "preset": preset}
+        p = presets.PRESETS[preset]
+        return presets.resolve_preset(preset), {"flags": p["flags"], "repo": p["repo"], "preset": preset}
     if repo == "glide":
         return glide.resolve_glide_flags(openai_flags.parse_flag_string(flags)), {"flags": flags, "repo": "glide"}
     return openai_flags.parse_openai_flags(flags, repo), {"flags": flags, "repo": repo}
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
                                  description="Import an OpenAI checkpoint into a converted directory.")
     ap.add_argument("--checkpoint", required=True, help="model .pt / .npz / .safetensors")
     group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--preset", choices=sorted(openai_flags.PRESETS) + sorted(glide.GLIDE_PRESETS),
+    group.add_argument("--preset", choices=sorted(presets.PRESETS) + sorted(glide.GLIDE_PRESETS),
                        help="a released checkpoint's name (GLIDE: base, upsample, base-inpaint, upsample-inpaint)")
     group.add_argument("--flags", help='OpenAI flag string, e.g. "--image_size 64 --num_channels 192"')
     ap.add_argument("--repo", choices=(*openai_flags.REPOS, "glide"), default="guided",

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.convert import kinds
+from diffusion_jax.convert.state_dict import mismatch_error
 from diffusion_jax.models import clip as clip_models
 
 CLIP_KINDS = ("clip_image", "clip_text")
@@ -85,7 +87,7 @@ def clip_module(kind: str, flags: Mapping):
       tokens [B, max_text_len] int32, lens [B] int32)``); both give ``[B, n_embd]``.
     """
     model = clip_config({**flags, "kind": kind})["model"]
-    return (clip_models.ImageEncoder if kind == "clip_image" else clip_models.TextEncoder)(**model)
+    return kinds.build(kind, **model)
 
 
 def clip_param_shapes(module) -> dict[tuple, jax.ShapeDtypeStruct]:
@@ -134,7 +136,7 @@ def clip_params(state_dict: Mapping[str, np.ndarray], module, flags: Mapping | N
       The Flax params tree (float32).
 
     Raises:
-      ValueError: listing every missing, unexpected and mis-shaped key at once.
+      CheckpointError (a ValueError): listing every missing, unexpected and mis-shaped key at once.
     """
     shapes = clip_param_shapes(module)
     by_key = {clip_torch_key(p): p for p in shapes}
@@ -148,21 +150,15 @@ def clip_params(state_dict: Mapping[str, np.ndarray], module, flags: Mapping | N
         v = _to_flax(path, w)
         want = tuple(shapes[path].shape)
         if v.shape != want:
-            mismatched.append(f"{key}: checkpoint {tuple(w.shape)}, expected {_torch_shape(path, want)}")
+            mismatched.append((key, tuple(w.shape), _torch_shape(path, want)))
             continue
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = jnp.asarray(v)
     if missing or unexpected or mismatched:
-        lines = [f"CLIP {type(module).__name__} state dict does not fit the network (flags {dict(flags or {})}):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if mismatched:
-            lines += [f"  mis-shaped keys ({len(mismatched)}):"] + [f"    {m}" for m in mismatched]
-        raise ValueError("\n".join(lines))
+        raise mismatch_error(missing, unexpected, mismatched,
+                             f"CLIP {type(module).__name__} state dict (flags {dict(flags or {})})")
     return params
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
+from diffusion_jax.convert import kinds
 from diffusion_jax.convert.openai_flags import coerce_flag, str2bool
 from diffusion_jax.convert.state_dict import (
     CheckpointError,
@@ -29,9 +30,6 @@ from diffusion_jax.convert.state_dict import (
     to_flax,
     torch_key,
 )
-from diffusion_jax.models.glide import glide_model_class
-
-GLIDE_KINDS = ("glide", "glide_upsample", "glide_inpaint", "glide_upsample_inpaint")
 
 # glide_text2im.model_creation.model_and_diffusion_defaults() (24 keys).
 _DEFAULTS = {
@@ -61,11 +59,28 @@ GLIDE_PRESETS: dict[str, dict] = {
 
 def glide_defaults(kind: str = "glide") -> dict:
     """glide-text2im's default flags for a kind (the upsampler's for ``glide_upsample*``)."""
-    if kind not in GLIDE_KINDS:
-        raise ValueError(f"kind must be one of {GLIDE_KINDS}, got {kind!r}")
-    d = dict(_DEFAULTS, **(_UPSAMPLER if kind.startswith("glide_upsample") else {}))
-    d["super_res"], d["inpaint"] = kind.startswith("glide_upsample"), kind.endswith("inpaint")
+    _check_glide_kind(kind)
+    d = dict(_DEFAULTS, **(_UPSAMPLER if kinds.takes(kind, "low_res") else {}))
+    d["super_res"], d["inpaint"] = kinds.takes(kind, "low_res"), kinds.takes(kind, "inpaint")
     return d
+
+
+def _check_glide_kind(kind: str) -> None:
+    if kind not in kinds.names(dialect="glide"):
+        raise ValueError(f"kind must be one of {kinds.names(dialect='glide')}, got {kind!r}")
+
+
+def glide_in_channels(kind: str, channels: int) -> int:
+    """The trunk's input width of a GLIDE kind on ``channels``-channel images: x (C), + upsampled
+    low_res (C), + inpaint_image * mask (C) and the mask (1), as glide-text2im's models concatenate."""
+    low_res, inpaint = kinds.takes(kind, "low_res"), kinds.takes(kind, "inpaint")
+    return channels * (1 + low_res + inpaint) + inpaint
+
+
+def _image_channels(kind: str, in_channels: int) -> int:
+    """The image channels C of a GLIDE kind whose trunk takes ``in_channels`` (``glide_in_channels``'s inverse)."""
+    low_res, inpaint = kinds.takes(kind, "low_res"), kinds.takes(kind, "inpaint")
+    return (in_channels - inpaint) // (1 + low_res + inpaint)
 
 
 def _channel_mult(value, image_size: int) -> tuple:
@@ -85,9 +100,8 @@ def _kind(flags: dict) -> str:
     kind = flags.get("kind")
     if kind is None:
         return _KIND_OF[(str2bool(flags.get("super_res", False)), str2bool(flags.get("inpaint", False)))]
-    if kind not in GLIDE_KINDS:
-        raise ValueError(f"kind must be one of {GLIDE_KINDS}, got {kind!r}")
-    for name, want in (("super_res", kind.startswith("glide_upsample")), ("inpaint", kind.endswith("inpaint"))):
+    _check_glide_kind(kind)
+    for name, want in (("super_res", kinds.takes(kind, "low_res")), ("inpaint", kinds.takes(kind, "inpaint"))):
         if name in flags and str2bool(flags[name]) != want:
             raise ValueError(f"flag {name}={flags[name]!r} contradicts kind {kind!r}")
     return kind
@@ -98,7 +112,7 @@ def resolve_glide_flags(flags: Mapping) -> dict:
 
     Args:
       flags: any of the 24 ``model_and_diffusion_defaults()`` keys plus ``kind``
-        (one of ``GLIDE_KINDS``; else derived from ``super_res``/``inpaint``),
+        (one of ``kinds.names(dialect="glide")``; else derived from ``super_res``/``inpaint``),
         ``use_checkpoint`` and ``dtype``. Unset keys take the kind's defaults
         (the upsampler's for ``glide_upsample*``).
 
@@ -123,7 +137,7 @@ def resolve_glide_flags(flags: Mapping) -> dict:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"flag {k}={v!r}: {e}") from None
     size = f["image_size"]
-    in_ch = {"glide": 3, "glide_upsample": 6, "glide_inpaint": 7, "glide_upsample_inpaint": 10}[kind]
+    in_ch = glide_in_channels(kind, 3)
     model = {
         "image_size": size, "in_channels": in_ch, "model_channels": f["num_channels"], "out_channels": 6,
         "num_res_blocks": f["num_res_blocks"],
@@ -177,14 +191,14 @@ def glide_example_inputs(kind: str, model: dict) -> tuple[tuple, dict]:
     s = model["image_size"]
     # in_channels counts every input the first conv sees: x, then for
     # upsamplers the low-res image, for inpainting the masked image + mask.
-    in_ch = model.get("in_channels", {"glide": 3, "glide_upsample": 6, "glide_inpaint": 7}.get(kind, 10))
-    c = {"glide": in_ch, "glide_upsample": in_ch // 2, "glide_inpaint": (in_ch - 1) // 2}.get(kind, (in_ch - 1) // 3)
+    in_ch = model.get("in_channels", glide_in_channels(kind, 3))
+    c = _image_channels(kind, in_ch)
     x = jnp.zeros((1, s, s, c))
     kw = {}
     if model.get("xf_width", 512):
         ctx = model.get("text_ctx", 128)
         kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
-    if kind.startswith("glide_upsample"):
+    if kinds.takes(kind, "low_res"):
         kw["low_res"] = jnp.zeros((1, s // 4, s // 4, c))
     return (x, jnp.zeros((1,), jnp.int32)), kw
 
@@ -244,7 +258,7 @@ def glide_params_from_state_dict(module, kind: str, model: dict, state_dict: Map
 
 def build_glide_model(kind: str, **model):
     """The GLIDE module of ``kind`` with constructor fields ``model``."""
-    return glide_model_class(kind)(**model)
+    return kinds.build(kind, **model)
 
 
 def from_openai_glide(checkpoint, flags: Mapping):

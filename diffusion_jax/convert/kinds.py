@@ -9,20 +9,19 @@ are keys of ``KINDS``. Code asks this table instead of testing kind strings:
     "tokens" in spec.inputs             # text-conditional (GLIDE)
     spec.trains, spec.samples           # train.py / sample.py accept it
 
-Adding a kind: write its module (``models/``), then add one row here (its
-conversion may reuse a family's ``Conversion``).
+Adding a kind: write its module (``models/``), then add one row here; its
+``dialect`` picks the family's ``Conversion`` in ``convert/conversions.py``.
 
-The table sits in ``convert`` because each row names its module class
-(``models``) and its checkpoint conversion (this package); ``runtime`` and
-the programs above read it.
+The table imports only ``models``, so the family mappings of this package
+(``adm``, ``glide``, ``clip``, ``openai_flags``) ask it too; ``conversions``
+binds each dialect to its mapping, and ``runtime`` and the programs above
+read the table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
 
-from diffusion_jax.convert import adm, clip, glide
 from diffusion_jax.models import classifier, unet
 from diffusion_jax.models import clip as clip_models
 from diffusion_jax.models import clip_pair
@@ -35,28 +34,9 @@ from diffusion_jax.models import glide as glide_models
 #   inpaint - inpaint_image NHWC and inpaint_mask [B, H, W, 1]
 INPUTS = ("labels", "tokens", "low_res", "inpaint")
 ROLES = ("denoiser", "classifier", "encoder", "clip")
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversion:
-    """How OpenAI's checkpoints of one family of kinds become ``(module, params)``.
-
-    Attributes:
-      dialect: whose flag names ``from_openai`` reads: "adm" (improved-/guided-
-        diffusion ``script_util``), "glide" (glide-text2im ``model_creation``),
-        "clip" (glide-text2im ``clip/config.yaml``).
-      resolve_flags: ``flags -> {"kind", "model": <module kwargs>, "diffusion": {...}}``.
-      param_shapes: ``(module, kind, model) -> {flax path: ShapeDtypeStruct}`` (no initialisation).
-      params_from_state_dict: ``(module, kind, model, state_dict) -> params`` (strict).
-      from_openai: ``(checkpoint, flags) -> (module, params)`` for families that
-        bypass the three steps above (CLIP's encoders); None for the others.
-    """
-
-    dialect: str
-    resolve_flags: Callable[[Mapping], dict]
-    param_shapes: Callable | None = None
-    params_from_state_dict: Callable | None = None
-    from_openai: Callable | None = None
+# Whose flag names ``convert.from_openai`` reads for a kind: "adm" (improved-/guided-diffusion
+# ``script_util``), "glide" (glide-text2im ``model_creation``), "clip" (glide-text2im ``clip/config.yaml``).
+DIALECTS = ("adm", "glide", "clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +53,8 @@ class Kind:
       trains: ``train.py`` trains it.
       samples: ``sample.py`` samples it as the model of ``--workdir`` (GLIDE's
         upsampler is sampled only as the second stage, ``--upsampler_workdir``).
-      conversion: how ``convert.from_openai`` imports OpenAI's checkpoints of it.
+      dialect: one of ``DIALECTS``; ``convert.conversions.of(name)`` is how
+        ``convert.from_openai`` imports OpenAI's checkpoints of it.
     """
 
     name: str
@@ -82,39 +63,39 @@ class Kind:
     inputs: frozenset
     trains: bool
     samples: bool
-    conversion: Conversion
+    dialect: str
+
+    @property
+    def from_noise(self) -> bool:
+        """A denoiser that starts from noise alone: no image input (``low_res``, ``inpaint``)."""
+        return self.role == "denoiser" and not self.inputs & {"low_res", "inpaint"}
 
 
-ADM = Conversion("adm", adm.resolve_adm_flags, adm.param_shapes, adm.params_from_state_dict)
-GLIDE = Conversion("glide", glide.resolve_glide, glide.glide_param_shapes, glide.glide_params_from_state_dict)
-CLIP = Conversion("clip", clip.resolve_clip_flags, from_openai=clip.from_openai_clip)
-
-
-def _k(name, module, role, inputs, *, trains, samples, conversion) -> Kind:
-    return Kind(name, module, role, frozenset(inputs), trains, samples, conversion)
+def _k(name, module, role, inputs, *, trains, samples, dialect) -> Kind:
+    return Kind(name, module, role, frozenset(inputs), trains, samples, dialect)
 
 
 KINDS: dict[str, Kind] = {
-    "unet": _k("unet", unet.UNet, "denoiser", ["labels"], trains=True, samples=True, conversion=ADM),
+    "unet": _k("unet", unet.UNet, "denoiser", ["labels"], trains=True, samples=True, dialect="adm"),
     "super_res": _k("super_res", unet.SuperResUNet, "denoiser", ["labels", "low_res"],
-                    trains=True, samples=True, conversion=ADM),
+                    trains=True, samples=True, dialect="adm"),
     "classifier": _k("classifier", classifier.EncoderUNet, "classifier", [],
-                     trains=True, samples=False, conversion=ADM),
+                     trains=True, samples=False, dialect="adm"),
     "glide": _k("glide", glide_models.Text2ImUNet, "denoiser", ["tokens"],
-                trains=True, samples=True, conversion=GLIDE),
+                trains=True, samples=True, dialect="glide"),
     "glide_upsample": _k("glide_upsample", glide_models.SuperResText2ImUNet, "denoiser", ["tokens", "low_res"],
-                         trains=True, samples=False, conversion=GLIDE),
+                         trains=True, samples=False, dialect="glide"),
     "glide_inpaint": _k("glide_inpaint", glide_models.InpaintText2ImUNet, "denoiser", ["tokens", "inpaint"],
-                        trains=True, samples=True, conversion=GLIDE),
+                        trains=True, samples=True, dialect="glide"),
     "glide_upsample_inpaint": _k("glide_upsample_inpaint", glide_models.SuperResInpaintText2ImUNet, "denoiser",
-                                 ["tokens", "low_res", "inpaint"], trains=True, samples=False, conversion=GLIDE),
+                                 ["tokens", "low_res", "inpaint"], trains=True, samples=False, dialect="glide"),
     "clip_image": _k("clip_image", clip_models.ImageEncoder, "encoder", [],
-                     trains=False, samples=False, conversion=CLIP),
+                     trains=False, samples=False, dialect="clip"),
     "clip_text": _k("clip_text", clip_models.TextEncoder, "encoder", [],
-                    trains=False, samples=False, conversion=CLIP),
+                    trains=False, samples=False, dialect="clip"),
     # Both noised-CLIP towers trained contrastively from scratch (training/clip.py); CLIP guidance
     # (sample.py --clip_workdir) uses it. OpenAI publishes the towers as two checkpoints, not as a pair.
-    "clip": _k("clip", clip_pair.ClipPair, "clip", [], trains=True, samples=False, conversion=CLIP),
+    "clip": _k("clip", clip_pair.ClipPair, "clip", [], trains=True, samples=False, dialect="clip"),
 }
 
 
@@ -139,7 +120,7 @@ def names(*, trains: bool | None = None, samples: bool | None = None, takes: str
     return tuple(k.name for k in KINDS.values()
                  if (trains is None or k.trains == trains) and (samples is None or k.samples == samples)
                  and want <= k.inputs and (role is None or k.role == role)
-                 and (dialect is None or k.conversion.dialect == dialect))
+                 and (dialect is None or k.dialect == dialect))
 
 
 def takes(kind: str, what: str) -> bool:
@@ -147,6 +128,16 @@ def takes(kind: str, what: str) -> bool:
     if what not in INPUTS:
         raise ValueError(f"unknown input {what!r}; accepted: {INPUTS}")
     return what in get(kind).inputs
+
+
+def denoiser_taking(kind: str, *inputs: str) -> bool:
+    """Whether ``kind`` is a denoiser whose inputs are exactly ``inputs``: ("labels",) is the ADM U-Net,
+    ("tokens",) GLIDE's base model, ("tokens", "low_res") its upsampler, and so on."""
+    unknown = set(inputs) - set(INPUTS)
+    if unknown:
+        raise ValueError(f"unknown inputs {sorted(unknown)}; accepted: {INPUTS}")
+    spec = get(kind)
+    return spec.role == "denoiser" and spec.inputs == frozenset(inputs)
 
 
 def build(kind: str, **model):

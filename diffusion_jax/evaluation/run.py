@@ -202,15 +202,11 @@ def format_table(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- entry-point logic
 def load_model(workdir: str, ema_rate: float | None = None):
-    """(module, params, cfg) of a training workdir or a converted OpenAI directory."""
-    try:
-        from diffusion_jax.runtime import checkpoints
-    except ImportError:  # The training side is optional; converted directories need only convert.
-        checkpoints = None
-    if checkpoints is not None and hasattr(checkpoints, "load_for_inference"):
-        return checkpoints.load_for_inference(workdir, ema_rate)
-    from diffusion_jax import convert
-    return convert.load_converted(workdir)
+    """(module, params, cfg) of a training workdir or a converted OpenAI directory (cfg filled, see
+    `runtime.checkpoints.load_for_inference`)."""
+    from diffusion_jax.runtime import checkpoints
+
+    return checkpoints.load_for_inference(workdir, ema_rate)
 
 
 def _check_image_size(source, image_size: int, channels: int, allow_resize: bool) -> None:
@@ -232,7 +228,7 @@ def nll_settings(cfg: dict, o: dict, schedule) -> dict:
         "seed": o["seed"], "start": o["start"], "stop": o["stop"],
         "noise_schedule": d["noise_schedule"], "diffusion_steps": d["diffusion_steps"],
         "timestep_respacing": o["timestep_respacing"], "num_timesteps": schedule.num_timesteps,
-        "rescale_timesteps": d.get("rescale_timesteps", False), "mean_type": d["mean_type"],
+        "rescale_timesteps": d["rescale_timesteps"], "mean_type": d["mean_type"],
         "var_type": d["var_type"], "clip_denoised": o["clip_denoised"], "allow_resize": o["allow_resize"],
         "batch_size": o["batch_size"], "t_chunk": o["t_chunk"],
     }
@@ -275,13 +271,13 @@ def evaluate_nll(o: dict) -> dict:
     check_options(o)
     module, params, cfg = load_model(o["workdir"], o.get("ema_rate"))
     d, m = cfg["diffusion"], cfg["model"]
-    o = dict(o, data=o.get("data") or cfg.get("data", {}).get("name"))
+    o = dict(o, data=o.get("data") or cfg["data"]["name"])
     if not o["data"]:
         raise ValueError("no dataset: pass --data (the workdir's config names none)")
     schedule = schedules.make_schedule(d["noise_schedule"], d["diffusion_steps"], o["timestep_respacing"],
-                                       d.get("rescale_timesteps", False))
+                                       d["rescale_timesteps"])
     source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
-    _check_image_size(source, m["image_size"], m.get("in_channels", 3), o["allow_resize"])
+    _check_image_size(source, m["image_size"], m["in_channels"], o["allow_resize"])
     stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
     if o.get("num_samples"):
         stop = min(stop, o["start"] + o["num_samples"])
@@ -297,7 +293,7 @@ def evaluate_nll(o: dict) -> dict:
 
     def batches(resume_start):
         return pipeline.make_eval_iterator(source, batch_size=o["batch_size"], image_size=m["image_size"],
-                                           channels=m.get("in_channels", 3), start=resume_start, stop=stop,
+                                           channels=m["in_channels"], start=resume_start, stop=stop,
                                            with_labels=class_cond)
 
     params = jax.tree.map(jnp.asarray, params)

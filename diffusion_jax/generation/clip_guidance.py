@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import guidance
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.runtime.checkpoints import load_for_inference
 
@@ -54,7 +55,7 @@ def check_compatible(clip_cfg: dict, model_cfg: dict, image_shape: tuple[int, in
         not a "clip" workdir, another image size or channel count, a timestep
         table shorter than the model's T, or another noise schedule.
     """
-    if clip_cfg["kind"] != "clip":
+    if kinds.get(clip_cfg["kind"]).role != "clip":
         raise ValueError(f"--clip_workdir must hold a CLIP pair (kind 'clip', trained with configs/digits_clip.py); "
                          f"it holds a {clip_cfg['kind']!r} model (converted GLIDE CLIP towers are not supported here)")
     m, h, w, c = clip_cfg["model"], *image_shape
@@ -79,7 +80,7 @@ def load(clip_workdir: str, scale: float, model_cfg: dict, image_shape: tuple[in
     module, params, cfg = load_for_inference(clip_workdir, ema_rate=ema_rate)
     check_compatible(cfg, model_cfg, image_shape)
     diff = model_cfg["diffusion"]
-    factor = diff["diffusion_steps"] / 1000.0 if diff.get("rescale_timesteps", False) else None
+    factor = diff["diffusion_steps"] / 1000.0 if diff["rescale_timesteps"] else None
     return ClipGuide(module, params, tc.tokenizer_from_config(cfg), int(cfg["model"]["text_ctx"]), float(scale),
                      factor)
 

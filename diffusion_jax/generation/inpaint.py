@@ -26,16 +26,16 @@ independently, sample i gets prompt i mod P).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np
 
-from diffusion_jax import inpainting, sampling, schedules
+from diffusion_jax import inpainting, sampling
 from diffusion_jax.generation import engine, images, samplers
+from diffusion_jax.generation import text as text_program
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import text_conditioning as tc
 
 RESIZE_RULE = ("images are resized to the model's size with PIL's bicubic filter (GLIDE's read_image), masks with "
@@ -142,21 +142,8 @@ def load_inputs(image_path: str, mask_path: str, size: int, channels: int) -> tu
 
 
 # ----------------------------------------------------------------------------- plans and sampling
-@dataclasses.dataclass(frozen=True)
-class InpaintPlan:
-    """Validated settings of one inpainting stage."""
-
-    schedule: schedules.Schedule
-    mean_type: str
-    var_type: str
-    image_shape: tuple[int, int, int]  # (H, W, C) of x
-    prompts: tuple[str, ...]
-    text_ctx: int
-    tokenizer: Any
-    cfg_scale: float | None
-    sampler: samplers.Choice
-    noise_scale: float = 1.0  # x_T multiplier (GLIDE's upsampler: 0.997)
-    low_res: bool = False  # the upsample-inpaint stage
+# One inpainting stage's validated settings: a text stage's (`low_res`: the upsample-inpaint stage).
+InpaintPlan = text_program.TextPlan
 
 
 def make_plan(cfg: dict, opts, tokenizer, *, upsampler: bool = False) -> InpaintPlan:
@@ -166,7 +153,7 @@ def make_plan(cfg: dict, opts, tokenizer, *, upsampler: bool = False) -> Inpaint
       ValueError: a model of another kind, no prompts, class-label options, a bad respacing.
     """
     want = "glide_upsample_inpaint" if upsampler else "glide_inpaint"
-    if cfg["kind"] != want:
+    if not kinds.denoiser_taking(cfg["kind"], *kinds.get(want).inputs):
         flag = "--upsampler_workdir" if upsampler else "--workdir"
         raise ValueError(f"inpainting needs a {want!r} model as {flag}; it holds {cfg['kind']!r}")
     if not opts.prompts:
@@ -178,14 +165,10 @@ def make_plan(cfg: dict, opts, tokenizer, *, upsampler: bool = False) -> Inpaint
         respacing, what = opts.upsample_respacing, "--upsample_respacing"
         sampler, cfg_scale, scale = samplers.choose("ancestral"), None, opts.upsample_temp
     else:
-        respacing = diff.get("timestep_respacing", "") if opts.timestep_respacing is None else opts.timestep_respacing
+        respacing = opts.timestep_respacing
         what, cfg_scale, scale = "--timestep_respacing", opts.cfg_scale, 1.0
         sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
-    try:
-        schedule = schedules.make_schedule(diff["noise_schedule"], diff["diffusion_steps"], respacing,
-                                           rescale_timesteps=diff.get("rescale_timesteps", False))
-    except ValueError as e:
-        raise ValueError(f"{what}={respacing!r} for a {diff['diffusion_steps']}-step model: {e}") from None
+    schedule = samplers.plan_schedule(diff, respacing, what)
     c = (m["in_channels"] - 1) // (3 if upsampler else 2)
     return InpaintPlan(schedule, diff["mean_type"], diff["var_type"], (m["image_size"], m["image_size"], c),
                        tuple(opts.prompts), int(m["text_ctx"]), tokenizer, cfg_scale, sampler,
@@ -239,11 +222,12 @@ def applies(cfg: dict, opts, workdir: str) -> bool:
       ValueError: inpainting flags on a model that does not inpaint.
     """
     flagged = bool(opts.inpaint_image or opts.inpaint_mask)
-    if flagged and cfg["kind"] not in tc.INPAINT_KINDS:
+    inpaints = kinds.takes(cfg["kind"], "inpaint")
+    if flagged and not inpaints:
         raise ValueError(f"--inpaint_image/--inpaint_mask need a GLIDE inpainting model ('glide_inpaint', e.g. "
                          f"python train.py --config=configs/glide_digits_inpaint.py, or GLIDE's converted "
                          f"base-inpaint); {workdir} holds a {cfg['kind']!r} model")
-    return flagged or cfg["kind"] in tc.INPAINT_KINDS
+    return flagged or inpaints
 
 
 def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Callable[[str], None] = print):
@@ -251,8 +235,6 @@ def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Call
 
     `load(workdir) -> (module, params, cfg)` reads the upsampler.
     """
-    from diffusion_jax.generation import text as text_program
-
     if not (opts.inpaint_image and opts.inpaint_mask):
         raise ValueError(f"{workdir} holds a {cfg['kind']!r} model: pass both --inpaint_image and --inpaint_mask")
     plan = make_plan(cfg, opts, text_program.load_tokenizer(cfg, opts.tokenizer_dir))

@@ -28,7 +28,7 @@ import functools
 import types
 from collections.abc import Callable, Mapping
 
-from diffusion_jax import sampling
+from diffusion_jax import sampling, schedules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,3 +105,24 @@ def make_loop(choice: Choice) -> Callable:
     if row.takes_eta:
         kwargs["eta"] = choice.eta
     return functools.partial(row.loop, **kwargs)
+
+
+def plan_schedule(diff: Mapping, respacing: str | None = None,
+                  what: str = "--timestep_respacing") -> schedules.Schedule:
+    """The sampling schedule of a model's (filled) ``diffusion`` config group, respaced.
+
+    Args:
+      diff: ``cfg["diffusion"]`` of ``load_for_inference`` (every field present).
+      respacing: the user's respacing (a section-count list, "ddimN", "logsnrN", ...);
+        None: the model's stored ``timestep_respacing``.
+      what: the option that gave ``respacing``, for the error message.
+
+    Raises:
+      ValueError: an impossible respacing for the model's T (naming ``what``).
+    """
+    respacing = diff["timestep_respacing"] if respacing is None else respacing
+    try:
+        return schedules.make_schedule(diff["noise_schedule"], diff["diffusion_steps"], respacing,
+                                       rescale_timesteps=diff["rescale_timesteps"])
+    except ValueError as e:
+        raise ValueError(f"{what}={respacing!r} for a {diff['diffusion_steps']}-step model: {e}") from None

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 from diffusion_jax import schedules
-from diffusion_jax.generation import engine, images, samplers
+from diffusion_jax.convert import kinds
+from diffusion_jax.generation import engine, images, samplers, unet
 
 SR_STAGE = 2  # the key stage of every upsampling pass (base samples: stage 0)
 
@@ -68,23 +69,18 @@ def make_sr_plan(cfg: dict, opts, what: str) -> SRPlan:
       ValueError: not a super_res model (`what` names the flag that pointed at
         it), options that do not apply (guidance, prompts), or a bad respacing.
     """
-    if cfg["kind"] != "super_res":
+    if not kinds.denoiser_taking(cfg["kind"], "labels", "low_res"):
         raise ValueError(f"{what} must hold a 'super_res' model (python train.py --config=configs/digits_sr.py, "
                          f"or a converted guided-diffusion upsampler); it holds {cfg['kind']!r}")
     if opts.cfg_scale is not None or opts.classifier_workdir or opts.prompts:
         raise ValueError("--cfg_scale, --classifier_workdir and --prompt do not apply to the super-resolution "
                          "stage (it is sampled unguided, as guided-diffusion's super_res_sample.py)")
     m, diff = cfg["model"], cfg["diffusion"]
-    respacing = diff.get("timestep_respacing", "") if opts.timestep_respacing is None else opts.timestep_respacing
-    try:
-        schedule = schedules.make_schedule(diff["noise_schedule"], diff["diffusion_steps"], respacing,
-                                           rescale_timesteps=diff.get("rescale_timesteps", False))
-    except ValueError as e:
-        raise ValueError(f"--timestep_respacing={respacing!r} for a {diff['diffusion_steps']}-step model: {e}") from None
-    c, small = m.get("in_channels", 6) // 2, low_res_size(cfg)
+    schedule = samplers.plan_schedule(diff, opts.timestep_respacing)
+    c, small = m["in_channels"] // 2, low_res_size(cfg)
     sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
     return SRPlan(schedule, diff["mean_type"], diff["var_type"], (m["image_size"], m["image_size"], c),
-                  (small, small, c), m.get("num_classes") is not None, sampler)
+                  (small, small, c), m["num_classes"] is not None, sampler)
 
 
 def load_base_samples(path: str, plan: SRPlan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -163,8 +159,8 @@ def pairs_grid(low_res: np.ndarray, high_res: np.ndarray, max_pairs: int = 64) -
 
 def applies(cfg: dict, opts, workdir: str) -> bool:
     """Whether `sample.py` runs this workflow: a super_res --workdir, --base_samples, or a U-Net cascade."""
-    cascade = bool(opts.upsampler_workdir) and cfg["kind"] == "unet"
-    return cfg["kind"] == "super_res" or bool(opts.base_samples) or cascade
+    cascade = bool(opts.upsampler_workdir) and kinds.denoiser_taking(cfg["kind"], "labels")
+    return kinds.denoiser_taking(cfg["kind"], "labels", "low_res") or bool(opts.base_samples) or cascade
 
 
 def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Callable[[str], None] = print):
@@ -172,10 +168,8 @@ def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Call
 
     `load(workdir) -> (module, params, cfg)` reads the upsampler of a cascade.
     """
-    from diffusion_jax.generation import program
-
     base = labels = None
-    if cfg["kind"] == "super_res":
+    if kinds.denoiser_taking(cfg["kind"], "labels", "low_res"):
         if not opts.base_samples:
             raise ValueError(f"{workdir} holds a super-resolution model: pass --base_samples=FILE.npz (uint8 "
                              "low-res samples), or pass a base model as --workdir and this one as --upsampler_workdir")
@@ -194,11 +188,11 @@ def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Call
         clf = clf_params = clf_cfg = None
         if opts.classifier_workdir:
             clf, clf_params, clf_cfg = load(opts.classifier_workdir)
-        base_plan = program.make_plan(cfg, base_opts, clf_cfg)
+        base_plan = unet.make_plan(cfg, base_opts, clf_cfg)
         if base_plan.image_shape != plan.low_res_shape:
             raise ValueError(f"the base model samples {base_plan.image_shape} images but the upsampler takes "
                              f"{plan.low_res_shape}; pair models of matching sizes")
-        low_res, labels = program.generate(module, params, base_plan, base_opts, clf, clf_params, log=log)
+        low_res, labels = unet.generate(module, params, base_plan, base_opts, clf, clf_params, log=log)
         base = low_res
         if plan.class_conditional and labels is None:
             raise ValueError("the upsampler is class-conditional but the base samples have no labels; "

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import sampling, schedules, text
+from diffusion_jax.convert import kinds
 from diffusion_jax.generation import clip_guidance, engine, images, samplers
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.runtime.checkpoints import load_for_inference
@@ -70,22 +71,14 @@ def load_tokenizer(cfg: dict, tokenizer_dir: str | None):
             "this GLIDE checkpoint stores no tokenizer settings (a converted OpenAI checkpoint): pass "
             "--tokenizer_dir=DIR with GLIDE's tokenizer files encoder.json and vocab.bpe (or .gz copies). "
             + text._WHERE)
-    tc.check_tokenizer_fits(tokenizer, int(cfg["model"].get("n_vocab", 50257)))
+    tc.check_tokenizer_fits(tokenizer, int(cfg["model"]["n_vocab"]))
     return tokenizer
-
-
-def _schedule(diff: dict, respacing: str, what: str) -> schedules.Schedule:
-    try:
-        return schedules.make_schedule(diff["noise_schedule"], diff["diffusion_steps"], respacing,
-                                       rescale_timesteps=diff.get("rescale_timesteps", False))
-    except ValueError as e:
-        raise ValueError(f"{what}={respacing!r} for a {diff['diffusion_steps']}-step model: {e}") from None
 
 
 def _image_shape(cfg: dict, low_res: bool) -> tuple[int, int, int]:
     m = cfg["model"]
-    channels = m.get("in_channels", 3) // (2 if low_res else 1)
-    if cfg["kind"] in ("glide_inpaint", "glide_upsample_inpaint"):
+    channels = m["in_channels"] // (2 if low_res else 1)
+    if kinds.takes(cfg["kind"], "inpaint"):
         raise ValueError(f"sample.py does not sample {cfg['kind']!r} (inpainting) models")
     return m["image_size"], m["image_size"], channels
 
@@ -97,8 +90,8 @@ def make_text_plan(cfg: dict, opts, tokenizer) -> TextPlan:
       ValueError: no prompts, class labels or classifier guidance given, an
         upsampler passed as the base model, or an impossible respacing.
     """
-    if cfg["kind"] != "glide":
-        hint = " (pass it as --upsampler_workdir)" if cfg["kind"] == "glide_upsample" else ""
+    if not kinds.denoiser_taking(cfg["kind"], "tokens"):
+        hint = " (pass it as --upsampler_workdir)" if kinds.denoiser_taking(cfg["kind"], "tokens", "low_res") else ""
         raise ValueError(f"the base model must be a 'glide' text model; this is {cfg['kind']!r}{hint}")
     if not opts.prompts:
         raise ValueError("this is a text-conditional model: pass --prompt=\"...\" (repeatable) or --prompts_file")
@@ -108,22 +101,21 @@ def make_text_plan(cfg: dict, opts, tokenizer) -> TextPlan:
         raise ValueError(f"--num_samples and --batch_size must be >= 1 (got {opts.num_samples}, {opts.batch_size})")
     sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
     diff = cfg["diffusion"]
-    respacing = diff.get("timestep_respacing", "") if opts.timestep_respacing is None else opts.timestep_respacing
-    return TextPlan(_schedule(diff, respacing, "--timestep_respacing"), diff["mean_type"], diff["var_type"],
+    return TextPlan(samplers.plan_schedule(diff, opts.timestep_respacing), diff["mean_type"], diff["var_type"],
                     _image_shape(cfg, False), tuple(opts.prompts), int(cfg["model"]["text_ctx"]), tokenizer,
                     opts.cfg_scale, sampler)
 
 
 def make_upsample_plan(cfg: dict, opts, tokenizer, base_shape: tuple[int, int, int]) -> TextPlan:
     """The upsampler stage's plan (GLIDE: DDIM on "fast27", noise x 0.997, no guidance)."""
-    if cfg["kind"] != "glide_upsample":
+    if not kinds.denoiser_taking(cfg["kind"], "tokens", "low_res"):
         raise ValueError(f"--upsampler_workdir must hold a 'glide_upsample' model; it holds {cfg['kind']!r}")
     shape = _image_shape(cfg, True)
     if shape[2] != base_shape[2] or shape[0] != base_shape[0] * tc.LOW_RES_FACTOR:
         raise ValueError(f"the upsampler makes {shape} images from {shape[0] // tc.LOW_RES_FACTOR} px, "
                          f"{shape[2]}-channel inputs (it was trained on 1/{tc.LOW_RES_FACTOR} size) but the base "
                          f"model samples {base_shape}")
-    return TextPlan(_schedule(cfg["diffusion"], opts.upsample_respacing, "--upsample_respacing"),
+    return TextPlan(samplers.plan_schedule(cfg["diffusion"], opts.upsample_respacing, "--upsample_respacing"),
                     cfg["diffusion"]["mean_type"], cfg["diffusion"]["var_type"], shape, tuple(opts.prompts),
                     int(cfg["model"]["text_ctx"]), tokenizer, None,
                     samplers.choose("ddim" if opts.upsample_ddim else "ancestral", flag="--upsample_ddim"),

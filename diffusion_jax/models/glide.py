@@ -238,22 +238,6 @@ class SuperResInpaintText2ImUNet(Text2ImUNet):
         return jnp.concatenate([x, *parts, _upsampled(low_res, x)], axis=-1)
 
 
-GLIDE_CLASSES = {
-    "glide": Text2ImUNet,
-    "glide_upsample": SuperResText2ImUNet,
-    "glide_inpaint": InpaintText2ImUNet,
-    "glide_upsample_inpaint": SuperResInpaintText2ImUNet,
-}
-
-
-def glide_model_class(kind: str) -> type:
-    """The module class of a GLIDE kind ("glide", "glide_upsample", "glide_inpaint",
-    "glide_upsample_inpaint")."""
-    if kind not in GLIDE_CLASSES:
-        raise ValueError(f"unknown GLIDE kind {kind!r}; accepted: {sorted(GLIDE_CLASSES)}")
-    return GLIDE_CLASSES[kind]
-
-
 def glide_model_fn(module: Text2ImUNet, params: Any, **fixed):
     """A ``model_fn(x, timesteps, y)`` for samplers and ``guidance.classifier_free``.
 

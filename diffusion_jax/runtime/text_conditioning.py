@@ -21,27 +21,11 @@ import os
 import numpy as np
 
 from diffusion_jax import text
-from diffusion_jax.convert import kinds
 
-# Views of the kind table (diffusion_jax.convert.kinds) for the text-conditional (GLIDE) kinds.
-TEXT_KINDS = kinds.names(takes="tokens")
-TRAINABLE_TEXT_KINDS = kinds.names(takes="tokens", trains=True)
-UPSAMPLE_KINDS = kinds.names(takes=("tokens", "low_res"))  # take `low_res`
-INPAINT_KINDS = kinds.names(takes=("tokens", "inpaint"))  # take `inpaint_image`, `inpaint_mask`
 TOKENIZERS = ("byte", "glide")
 # GLIDE's upsampler turns 64 px into 256 px: the low-resolution input is 1/4 the size.
 LOW_RES_FACTOR = 4
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
-
-
-def is_text_kind(kind: str) -> bool:
-    return kind in TEXT_KINDS
-
-
-def glide_in_channels(kind: str, channels: int) -> int:
-    """The trunk's input width of a GLIDE kind on `channels`-channel images: x (C), + upsampled
-    low_res (C), + inpaint_image * mask (C) and the mask (1), as glide-text2im's models concatenate."""
-    return channels * (1 + (kind in UPSAMPLE_KINDS) + (kind in INPAINT_KINDS)) + (kind in INPAINT_KINDS)
 
 
 def make_tokenizer(name: str, *, encoder_json: str | None = None, vocab_bpe: str | None = None):

@@ -14,7 +14,7 @@ contrastive batch (no microbatches); under `jax.jit` over the mesh the
 [B, B] logits span every device's rows.
 
 `training.loop` calls `validate_config`, `init_params`, `CaptionBatcher` and
-`clip_step` (through `steps.compile_step(step_fn=...)`) for `config.kind == "clip"`.
+`clip_step` (through `steps.compile_step(step_fn=...)`) for kinds of role "clip".
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import gaussian, objectives
+from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.runtime.cli import UsageError
 from diffusion_jax.schedules import Schedule
@@ -74,7 +75,7 @@ class CaptionBatcher:
 
     @classmethod
     def from_config(cls, config):
-        return cls(tc.tokenizer_from_config(config), config.text.text_ctx) if config.kind == "clip" else None
+        return cls(tc.tokenizer_from_config(config), config.text.text_ctx) if kinds.get(config.kind).role == "clip" else None
 
     def __call__(self, batch: dict) -> dict:
         if "caption" not in batch:

@@ -1,4 +1,6 @@
-"""The training program: config checks, state set-up, the loop, checkpoints, logs.
+"""The training program: state set-up, the resume decision, the loop, checkpoints, hooks.
+
+Config checks live in `training.validate`, logs in `training.metrics`.
 
 `train_and_evaluate(config, workdir)` is what `train.py` runs.  Every process
 of a multi-host run executes it identically (same collectives, same
@@ -7,8 +9,6 @@ checkpoint calls); only process 0 writes logs, grids and JSON files.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 
@@ -16,129 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import gaussian, models, objectives, schedules
+from diffusion_jax import objectives, schedules
 from diffusion_jax.convert import kinds
 from diffusion_jax.runtime import checkpoints
 from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime import workdir as wd
-from diffusion_jax.runtime.cli import UsageError
 from diffusion_jax.training import clip as clip_train
+from diffusion_jax.training import metrics as metrics_io
 from diffusion_jax.training import steps as train_steps
+from diffusion_jax.training.validate import (  # noqa: F401  (validate_config: part of this module's API)
+    is_adm_denoiser, is_adm_super_res, is_text, super_res_small_size, validate_config)
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.data import conditioning, pipeline
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradients became NaN/inf."""
-
-
-# ----------------------------------------------------------------------------- config -> objects
-def validate_config(config) -> None:
-    """Cross-field checks with messages that say what to change."""
-    if config.kind == "clip":  # the contrastive CLIP pair (training/clip.py)
-        clip_train.validate_config(config)
-        return _validate_loop_settings(config.train)
-    m, d = config.model, config.data
-    if m.image_size != d.image_size:
-        raise ValueError(f"config.model.image_size={m.image_size} but config.data.image_size={d.image_size}; "
-                         "set both to the size you train at")
-    want_in = d.channels * (2 if config.kind == "super_res" else 1)  # SR: x beside the upsampled low_res
-    if m.in_channels != want_in and not tc.is_text_kind(config.kind):
-        raise ValueError(f"config.model.in_channels={m.in_channels} but a {config.kind!r} model on "
-                         f"config.data.channels={d.channels} channels needs {want_in}")
-    if config.kind == "super_res":
-        _validate_super_res_config(config)
-    if config.kind in ("unet", "super_res"):
-        _validate_diffusion_config(config.diffusion)
-        learned = config.diffusion.var_type in ("learned", "learned_range")
-        want = (2 if learned else 1) * d.channels
-        if m.out_channels != want:
-            raise ValueError(f"config.model.out_channels={m.out_channels} but var_type "
-                             f"{config.diffusion.var_type!r} needs {want}")
-        if config.train.p_uncond > 0 and not (m.num_classes and m.null_label):
-            raise ValueError("config.train.p_uncond > 0 (null-label dropout) needs a class-conditional model "
-                             "with config.model.null_label=True")
-    elif tc.is_text_kind(config.kind):
-        _validate_diffusion_config(config.diffusion)
-        _validate_text_config(config)
-    elif config.kind != "classifier":
-        raise ValueError(f"unknown config.kind {config.kind!r}; accepted: unet, super_res, classifier, "
-                         f"{', '.join(tc.TRAINABLE_TEXT_KINDS)}")
-    if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
-        raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
-                         f"config.train.microbatches={config.train.microbatches}")
-    _validate_loop_settings(config.train)
-
-
-def _validate_diffusion_config(d) -> None:
-    """mean_type / var_type / loss_type / snr_gamma, checked before anything compiles."""
-    for name, accepted in (("mean_type", gaussian.MEAN_TYPES), ("var_type", gaussian.VAR_TYPES),
-                           ("loss_type", objectives.LOSS_TYPES)):
-        if d[name] not in accepted:
-            raise UsageError(f"config.diffusion.{name}={d[name]!r} is not one of {', '.join(accepted)}")
-    gamma = float(d.get("snr_gamma", 0.0))
-    if gamma < 0:
-        raise UsageError(f"config.diffusion.snr_gamma={gamma} must be >= 0 (0: off; 5 is Hang et al.'s value)")
-    if gamma > 0 and d.mean_type not in objectives.MIN_SNR_MEAN_TYPES:
-        raise UsageError(f"config.diffusion.snr_gamma={gamma} needs mean_type in "
-                         f"{', '.join(objectives.MIN_SNR_MEAN_TYPES)}, not {d.mean_type!r} (set snr_gamma=0)")
-    if gamma > 0 and d.loss_type in ("kl", "rescaled_kl"):
-        raise UsageError(f"config.diffusion.snr_gamma={gamma} reweights the MSE term, but loss_type="
-                         f"{d.loss_type!r} has none (set snr_gamma=0 or use 'mse' / 'rescaled_mse')")
-
-
-def _validate_loop_settings(t) -> None:
-    """Loop settings that would fail after compiling (`step % 0`) or delete a run's checkpoints."""
-    why = {"keep_checkpoints": " (0 would delete every checkpoint of the run)"}
-    for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if int(t[name]) < 1:
-            raise UsageError(f"config.train.{name}={t[name]} must be at least 1{why.get(name, '')}")
-    for name in ("num_steps", "sample_every", "eval_every"):
-        if int(t[name]) < 0:
-            raise UsageError(f"config.train.{name}={t[name]} must be >= 0")
-    rates = [float(r) for r in t.ema_rates]
-    if any(not 0 < r < 1 for r in rates) or len(set(rates)) != len(rates):
-        raise UsageError(f"config.train.ema_rates={tuple(rates)} must be distinct rates in (0, 1), e.g. (0.9999,)")
-
-
-def _validate_text_config(config) -> None:
-    m, t = config.model, config.text
-    if config.kind not in tc.TRAINABLE_TEXT_KINDS:
-        raise ValueError(f"config.kind={config.kind!r} cannot be trained here; "
-                         f"trainable text kinds: {tc.TRAINABLE_TEXT_KINDS}")
-    want_in = tc.glide_in_channels(config.kind, config.data.channels)
-    if config.diffusion.var_type not in ("learned", "learned_range") or m.out_channels != 2 * config.data.channels:
-        raise ValueError(f"GLIDE models learn Sigma: set config.diffusion.var_type='learned_range' and "
-                         f"config.model.out_channels={2 * config.data.channels} (got {config.diffusion.var_type!r}, "
-                         f"{m.out_channels})")
-    if m.in_channels != want_in:
-        raise ValueError(f"config.model.in_channels={m.in_channels} but a {config.kind!r} model on "
-                         f"{config.data.channels}-channel images needs {want_in}")
-    if not m.xf_width:
-        raise ValueError("config.model.xf_width=0 leaves the model without a text encoder")
-    if t.text_ctx != m.text_ctx:
-        raise ValueError(f"config.text.text_ctx={t.text_ctx} but config.model.text_ctx={m.text_ctx}; set both")
-    if config.train.eval_every:
-        raise ValueError("config.train.eval_every > 0: test bits/dim during training is not implemented for "
-                         "text models; set config.train.eval_every=0")
-    tc.check_tokenizer_fits(tc.tokenizer_from_config(config), m.n_vocab)
-
-
-def _validate_super_res_config(config) -> None:
-    small, size = super_res_small_size(config), config.model.image_size
-    if not 0 < small < size:
-        raise ValueError(f"config.super_res.small_size={small} must be smaller than config.model.image_size={size}")
-    if config.train.eval_every:
-        raise ValueError("config.train.eval_every > 0: test bits/dim during training is not implemented for "
-                         "super-resolution models; set config.train.eval_every=0")
-
-
-def super_res_small_size(config) -> int:
-    """The low-resolution side a 'super_res' config trains on (`config.super_res.small_size`)."""
-    if "super_res" not in config or "small_size" not in config.super_res:
-        raise ValueError("a kind='super_res' config needs config.super_res.small_size (the low-res side), "
-                         "see configs/digits_sr.py")
-    return int(config.super_res.small_size)
 
 
 def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
@@ -148,63 +41,62 @@ def make_schedule(config, respacing: str | None = None) -> schedules.Schedule:
 
 
 def make_model(config):
-    if config.kind == "clip":
-        return kinds.build("clip", **config.model.to_dict())
-    return models.build_model(config.kind, **config.model.to_dict())
+    return kinds.build(config.kind, **config.model.to_dict())
 
 
 def make_spec(config, schedule) -> train_steps.StepSpec:
     d, t = config.diffusion, config.train
-    is_unet = config.kind in ("unet", "super_res")
-    text = tc.is_text_kind(config.kind)
+    is_unet, text = is_adm_denoiser(config), is_text(config)
     return train_steps.StepSpec(
         kind=config.kind, mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
-        snr_gamma=float(d.get("snr_gamma", 0.0)),
+        snr_gamma=float(d.snr_gamma),
         sampler=objectives.make_timestep_sampler(d.schedule_sampler, schedule.num_timesteps),
         ema_rates=tuple(float(r) for r in t.ema_rates), ema_warmup=bool(t.ema_warmup),
         microbatches=int(t.microbatches),
         num_classes=config.model.num_classes if is_unet else None,
         null_label=bool(config.model.null_label) if is_unet else False, p_uncond=float(t.p_uncond),
         text=text, end_token=int(tc.tokenizer_from_config(config).end_token) if text else 0,
-        inpaint=config.kind in tc.INPAINT_KINDS)
+        inpaint=kinds.takes(config.kind, "inpaint"))
 
 
 def init_params(model, config, rng):
-    if config.kind == "clip":
+    role = kinds.get(config.kind).role
+    if role == "clip":
         return clip_train.init_params(model, config, rng)
     s = config.model.image_size
     x = jnp.zeros((1, s, s, config.model.in_channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    if config.kind == "classifier":
+    if role == "classifier":
         return model.init({"params": rng}, x, t)["params"]
-    if tc.is_text_kind(config.kind):
+    if is_text(config):
         x = x[..., :config.data.channels]
         ctx = config.model.text_ctx
         kw = {"tokens": jnp.zeros((1, ctx), jnp.int32), "mask": jnp.ones((1, ctx), bool)}
-        if config.kind in tc.UPSAMPLE_KINDS:
+        if kinds.takes(config.kind, "low_res"):
             kw["low_res"] = jnp.zeros((1, s // tc.LOW_RES_FACTOR, s // tc.LOW_RES_FACTOR, config.data.channels))
-        if config.kind in tc.INPAINT_KINDS:
+        if kinds.takes(config.kind, "inpaint"):
             kw.update(inpaint_image=jnp.zeros_like(x), inpaint_mask=jnp.ones_like(x[..., :1]))
         return model.init({"params": rng}, x, t, **kw)["params"]
     y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-    if config.kind == "super_res":
+    if is_adm_super_res(config):
         x, small = x[..., :config.data.channels], super_res_small_size(config)
         return model.init({"params": rng}, x, t, jnp.zeros((1, small, small, x.shape[-1])), y)["params"]
     return model.init({"params": rng}, x, t, y)["params"]
 
 
 def _uses_labels(config) -> bool:
-    return config.kind == "classifier" or (config.kind in ("unet", "super_res")
-                                            and config.model.num_classes is not None)
+    return kinds.get(config.kind).role == "classifier" or (is_adm_denoiser(config)
+                                                           and config.model.num_classes is not None)
 
 
 def _data_iterator(config, with_labels: bool):
     d = config.data
     source = pipeline.make_source(d.name, d.train_split, data_dir=d.data_dir)
-    num_classes = config.model.out_channels if config.kind == "classifier" else config.model.get("num_classes")
+    role = kinds.get(config.kind).role
+    num_classes = config.model.out_channels if role == "classifier" else config.model.get("num_classes")
     if with_labels:
         _check_labels(source, num_classes)
-    with_captions = tc.is_text_kind(config.kind) or config.kind == "clip"
+    with_captions = is_text(config) or role == "clip"
     if with_captions:
         _check_captions(source, d.name)
     return pipeline.make_train_iterator(
@@ -232,60 +124,6 @@ def _check_labels(source, num_classes: int) -> None:
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"dataset labels reach {labels.max()} but the model has {num_classes} classes; "
                          f"set config.model.num_classes (or out_channels for classifiers) to at least {labels.max() + 1}")
-
-
-# ----------------------------------------------------------------------------- logging
-class MetricWriter:
-    """metrics.jsonl + TensorBoard events, process 0 only."""
-
-    def __init__(self, workdir: str, purge_step: int | None = None):
-        self.enabled = parallel.is_main_process()
-        self._file = self._tb = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            try:
-                from tensorboardX import SummaryWriter
-                # purge_step: TensorBoard hides events of steps >= it written before a resume.
-                self._tb = SummaryWriter(logdir=workdir, purge_step=purge_step)
-            except ImportError:  # TensorBoard is optional; JSON lines always work.
-                self._tb = None
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def summarize(history: list[dict]) -> dict:
-    """Average per-step device metrics over a log interval; quartiles become *_q0..*_q3."""
-    host = jax.device_get(history)
-    out = {}
-    for key in host[0]:
-        vals = np.stack([np.asarray(h[key], np.float64) for h in host])
-        counts = np.isfinite(vals).sum(axis=0)
-        # Quartiles without samples this interval stay NaN (written as null).
-        mean = np.where(counts > 0, np.nansum(np.where(np.isfinite(vals), vals, 0.0), axis=0) / np.maximum(counts, 1),
-                        np.nan)
-        if mean.ndim:
-            for i, v in enumerate(mean):
-                out[f"{key[:-2]}_q{i}"] = float(v)
-        else:
-            out[key] = float(mean)
-    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -375,15 +213,15 @@ def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
     _resume_bookkeeping(workdir, cfg_dict, restored_step, lock)
     step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx,
                                        state_sharding=train_steps.state_shardings(mesh, state, min_size=min_size),
-                                       step_fn=clip_train.clip_step if config.kind == "clip" else None)
+                                       step_fn=clip_train.clip_step if kinds.get(config.kind).role == "clip" else None)
     hooks = _Hooks(config, workdir, mesh, model, schedule)
-    writer = MetricWriter(workdir, purge_step=(restored_step or 0) + 1)
+    writer = metrics_io.MetricWriter(workdir, purge_step=(restored_step or 0) + 1)
     rng = parallel.replicated_key(mesh, config.seed + 1)
     start = int(jax.device_get(state.step))
     last_good = restored_step
     history, last = [], {}
     t_log = time.perf_counter()
-    progress = _progress(start, config.train.num_steps)
+    progress = metrics_io.progress_bar(start, config.train.num_steps)
     try:
         with _Preemption() as preempt:
             for step in range(start, config.train.num_steps):
@@ -394,7 +232,7 @@ def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
                 if done % config.train.log_every == 0 or done == config.train.num_steps:
                     _check_finite(state, last_good)
                     elapsed = time.perf_counter() - t_log
-                    last = dict(summarize(history), lr=float(lr_fn(done - 1)), steps_per_sec=len(history) / elapsed,
+                    last = dict(metrics_io.summarize(history), lr=float(lr_fn(done - 1)), steps_per_sec=len(history) / elapsed,
                                 images_per_sec=len(history) * config.train.batch_size / elapsed)
                     writer.write(done, last)
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
@@ -436,9 +274,9 @@ class _TextBatcher:
 
     @classmethod
     def from_config(cls, config):
-        if not tc.is_text_kind(config.kind):
+        if not is_text(config):
             return None
-        return cls(tc.tokenizer_from_config(config), config.text.text_ctx, config.kind in tc.UPSAMPLE_KINDS)
+        return cls(tc.tokenizer_from_config(config), config.text.text_ctx, kinds.takes(config.kind, "low_res"))
 
     def __call__(self, batch: dict) -> dict:
         out = tc.caption_batch(self.tokenizer, batch["caption"], self.text_ctx)
@@ -456,17 +294,10 @@ class _LowResBatcher:
 
     @classmethod
     def from_config(cls, config):
-        return cls(super_res_small_size(config)) if config.kind == "super_res" else None
+        return cls(super_res_small_size(config)) if is_adm_super_res(config) else None
 
     def __call__(self, batch: dict) -> dict:
         return {"low_res": conditioning.area_downsample(np.asarray(batch["image"], np.float32), self.small_size)}
-
-
-def _progress(start: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", disable=not parallel.is_main_process(),
-                dynamic_ncols=True, mininterval=1.0)
 
 
 class _Hooks:
@@ -476,7 +307,8 @@ class _Hooks:
         self.config, self.workdir, self.mesh, self.model, self.schedule = config, workdir, mesh, model, schedule
         self._eval = None
         # Grids: diffusion U-Nets, and text models with prompts (upsamplers would need low-res inputs).
-        self._grids = config.kind == "unet" or (config.kind == "glide" and bool(config.text.grid_prompts))
+        spec = kinds.get(config.kind)
+        self._grids = spec.from_noise and ("tokens" not in spec.inputs or bool(config.text.grid_prompts))
 
     def after_step(self, step: int, state, writer) -> None:
         t = self.config.train
@@ -493,7 +325,7 @@ class _Hooks:
     def sample_grid(self, step: int, state) -> None:
         from diffusion_jax.training import grids as train_samples
 
-        if self.config.kind == "unet":
+        if not is_text(self.config):
             train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
         else:
             train_samples.write_text_grid(self.config, self.workdir, self.mesh, self.model, state, step)

@@ -26,6 +26,7 @@ import optax
 from flax import struct
 
 from diffusion_jax import gaussian, objectives
+from diffusion_jax.convert import kinds
 from diffusion_jax.data import conditioning
 from diffusion_jax.runtime import parallel
 from diffusion_jax.schedules import Schedule
@@ -326,12 +327,12 @@ def compile_step(mesh, *, model, schedule: Schedule, spec: StepSpec, tx, state_s
         With split parameters, the step gathers them for compute and
         reduce-scatters the gradients.
       step_fn: a step with `diffusion_step`'s signature (e.g. `training.clip.clip_step`);
-        None picks `classifier_step` or `diffusion_step` by `spec.kind`.
+        None picks `classifier_step` or `diffusion_step` by the role of `spec.kind`.
 
     Returns:
       jit(state, batch, rng) -> (state, metrics) with the state kept in its layout.
     """
-    fn = step_fn or (classifier_step if spec.kind == "classifier" else diffusion_step)
+    fn = step_fn or (classifier_step if kinds.get(spec.kind).role == "classifier" else diffusion_step)
     repl, data = parallel.replicated(mesh), parallel.data_sharded(mesh)
     if state_sharding is None:
         state_sharding = jax.tree.map(lambda _: repl, TrainState(*([0] * 6)))
