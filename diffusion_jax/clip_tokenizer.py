@@ -20,13 +20,14 @@ without ftfy such text raises rather than tokenizing differently.
 
 from __future__ import annotations
 
-import gzip
 import html
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import regex
+
+from diffusion_jax.bpe import bytes_to_unicode, read_text
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of the file.
@@ -61,8 +62,6 @@ class ClipTokenizer:
     """
 
     def __init__(self, merges: Sequence[tuple[str, str]]):
-        from diffusion_jax.text import bytes_to_unicode  # here: diffusion_jax.text re-exports this module
-
         chars = list(bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [START, END]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
@@ -148,11 +147,7 @@ def load_clip_tokenizer(bpe_path: str | os.PathLike) -> ClipTokenizer:
         raise FileNotFoundError(
             f"missing CLIP vocabulary {path}: glide-text2im ships it as "
             "glide_text2im/tokenizer/bpe_simple_vocab_16e6.txt.gz (OpenAI CLIP as clip/bpe_simple_vocab_16e6.txt.gz)")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    lines = data.decode("utf-8").split("\n")[1 : N_MERGES + 1]  # the first line is a version header
+    lines = read_text(path).split("\n")[1 : N_MERGES + 1]  # the first line is a version header
     merges = [tuple(line.split()) for line in lines]
     bad = [m for m in merges if len(m) != 2]
     if len(merges) != N_MERGES or bad:

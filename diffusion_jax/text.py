@@ -20,8 +20,6 @@ is CLIP's tokenizer, which GLIDE's noised CLIP reads.
 
 from __future__ import annotations
 
-import functools
-import gzip
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -29,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 # DESIGN.md §6: CLIP's tokenizer (GLIDE's noised CLIP) lives in its own module.
+from diffusion_jax.bpe import bytes_to_unicode, read_text
 from diffusion_jax.clip_tokenizer import ClipTokenizer, load_clip_tokenizer  # noqa: F401
 
 # DESIGN.md §4 lists `classifier_cond_fn` under `diffusion_jax.text`; it lives
@@ -71,29 +70,6 @@ class _Padding:
         tokens = np.array([r[0] for r in rows], np.int32).reshape(-1, text_ctx)
         mask = np.array([r[1] for r in rows], bool).reshape(-1, text_ctx)
         return tokens, mask
-
-
-@functools.cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (the vocabulary files' alphabet)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
-    if path.endswith(".gz") or data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return data.decode("utf-8")
 
 
 class GlideTokenizer(_Padding):
@@ -167,9 +143,9 @@ def load_glide_tokenizer(encoder_json: str | os.PathLike, vocab_bpe: str | os.Pa
     missing = [f"{name} ({p})" for name, p in paths.items() if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"missing GLIDE tokenizer file(s): {', '.join(missing)}. {_WHERE}")
-    encoder = json.loads(_read_text(paths["encoder.json"]))
+    encoder = json.loads(read_text(paths["encoder.json"]))
     # GLIDE drops the first line (the "#version" header) and the last (empty after the final newline).
-    merges = [tuple(line.split()) for line in _read_text(paths["vocab.bpe"]).split("\n")[1:-1]]
+    merges = [tuple(line.split()) for line in read_text(paths["vocab.bpe"]).split("\n")[1:-1]]
     ranks, specials = _mergeable_ranks(encoder, merges, where=paths["encoder.json"])
     encoding = tiktoken.Encoding(
         name=f"glide_bpe_{len(encoder)}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials
