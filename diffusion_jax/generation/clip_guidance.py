@@ -96,9 +96,8 @@ def check_prompts(prompts: Sequence[str], num_samples: int) -> None:
 
 def prompt_tokens(guide: ClipGuide, prompts: Sequence[str]) -> dict[str, np.ndarray]:
     """The CLIP tokens of each sample's prompt: {"tokens": int32 [B, L], "lens": int32 [B]} (host)."""
-    from diffusion_jax.training.clip import caption_tokens
 
-    return caption_tokens(guide.tokenizer, list(prompts), guide.text_ctx)
+    return tc.clip_caption_tokens(guide.tokenizer, list(prompts), guide.text_ctx)
 
 
 def make_cond_fn(guide: ClipGuide, params: Any, tokens: dict) -> Callable:

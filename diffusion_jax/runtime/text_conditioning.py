@@ -82,6 +82,18 @@ def caption_batch(tokenizer, captions, text_ctx: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "mask": mask}
 
 
+
+def clip_caption_tokens(tokenizer, captions, text_ctx: int) -> dict[str, np.ndarray]:
+    """Captions [B] -> {"tokens": int32 [B, L], "lens": int32 [B]} for `ClipPair.encode_text`.
+
+    `lens - 1` is the first end (padding) token after the caption, where the
+    text tower reads its embedding as CLIP reads its end token; a caption that
+    fills the context is read at its last token.
+    """
+    batch = caption_batch(tokenizer, captions, text_ctx)
+    lens = np.minimum(batch["mask"].sum(axis=1) + 1, text_ctx).astype(np.int32)
+    return {"tokens": batch["tokens"], "lens": lens}
+
 def quantize_8bit(x: np.ndarray) -> np.ndarray:
     """[-1, 1] floats rounded to the uint8 grid, as GLIDE's notebook does before upsampling."""
     return (np.round((np.asarray(x, np.float32) + 1) * 127.5).clip(0, 255) / 127.5 - 1).astype(np.float32)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax import gaussian, objectives
 from diffusion_jax.convert import kinds
@@ -55,18 +54,6 @@ def validate_config(config) -> None:
     tc.check_tokenizer_fits(tc.tokenizer_from_config(config), m.n_vocab)
 
 
-def caption_tokens(tokenizer, captions, text_ctx: int) -> dict[str, np.ndarray]:
-    """Captions [B] -> {"tokens": int32 [B, L], "lens": int32 [B]} for `ClipPair.encode_text`.
-
-    `lens - 1` is the first end (padding) token after the caption, where the
-    text tower reads its embedding as CLIP reads its end token; a caption that
-    fills the context is read at its last token.
-    """
-    batch = tc.caption_batch(tokenizer, captions, text_ctx)
-    lens = np.minimum(batch["mask"].sum(axis=1) + 1, text_ctx).astype(np.int32)
-    return {"tokens": batch["tokens"], "lens": lens}
-
-
 class CaptionBatcher:
     """Host-side captions of a training batch -> {"tokens", "lens"}."""
 
@@ -81,7 +68,7 @@ class CaptionBatcher:
         if "caption" not in batch:
             raise UsageError(f"a CLIP pair trains on captioned images but the batches hold {sorted(batch)}; use a "
                              "captioned dataset (e.g. config.data.name='digits')")
-        return caption_tokens(self.tokenizer, batch["caption"], self.text_ctx)
+        return tc.clip_caption_tokens(self.tokenizer, batch["caption"], self.text_ctx)
 
 
 def init_params(model, config, rng: jax.Array):
