@@ -33,6 +33,7 @@ flags.DEFINE_integer("num_per_prompt", 10, "Samples per prompt.")
 flags.DEFINE_string("timestep_respacing", "100", "Sampling respacing.")
 flags.DEFINE_string("template", "a handwritten {w}", "Prompt template ({w}: the digit as a word, {d}: numeral).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_float("ema_rate", None, "Which EMA of the newest checkpoint (default the first; 0: raw params).")
 flags.DEFINE_string("out", None, "Output directory (default <workdir>/demo).")
 FLAGS = flags.FLAGS
 
@@ -92,7 +93,7 @@ def main(argv):
         opts = program.SampleOptions(
             num_samples=10 * FLAGS.num_per_prompt, batch_size=10 * FLAGS.num_per_prompt,
             timestep_respacing=FLAGS.timestep_respacing, cfg_scale=scale, prompts=prompts, seed=FLAGS.seed,
-            out=os.path.join(out_root, f"cfg{scale:g}"), progress=False)
+            ema_rate=FLAGS.ema_rate, out=os.path.join(out_root, f"cfg{scale:g}"), progress=False)
         npz_path, png_path = program.run(FLAGS.workdir, opts, log=lambda s: None)
         with np.load(npz_path) as z:
             images, wanted = z["arr_0"], z["arr_1"]
