@@ -80,7 +80,7 @@ class RespacingBehaviourTest(parameterized.TestCase):
                               (1000, "ddim999", "cannot create exactly 1000 steps with an integer stride"),
                               (30, "11,11,11", "cannot divide section of 10 steps into 11"),
                               (100, "ddimx", "ddimN"),
-                              (100, "fast", "'N', 'a,b,c' or 'ddimN'"),
+                              (100, "fast", "'N', 'a,b,c', 'ddimN'"),
                               (100, "0", "at least one step"))
     def test_impossible_respacing_raises(self, steps, counts, message):
         with pytest.raises(ValueError, match=message):
