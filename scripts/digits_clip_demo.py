@@ -70,7 +70,6 @@ def main(argv):
 
     set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     del argv
-    import numpy as np
 
     from diffusion_jax.generation import program
 
@@ -89,13 +88,8 @@ def main(argv):
             clip_workdir=FLAGS.clip_workdir if scale else None, clip_scale=scale if scale else 1.0,
             seed=FLAGS.seed, out=os.path.join(out_root, f"clip{scale:g}"), progress=False)
         npz_path, png_path = program.run(FLAGS.workdir, opts, log=lambda s: None)
-        with np.load(npz_path) as z:
-            images, wanted = z["arr_0"], z["arr_1"]
-        got = predict(images)
-        per_digit = [float((got[wanted == d] == d).mean()) for d in range(10)]
-        results[scale] = float((got == wanted).mean())
-        print(f"CLIP scale {scale:g}: accuracy {results[scale]:.3f} ({int((got == wanted).sum())}/{len(got)})"
-              f"  per digit {' '.join(f'{a:.1f}' for a in per_digit)}  grid {png_path}", flush=True)
+        results[scale], line = base.score_samples(npz_path, predict)
+        print(f"CLIP scale {scale:g}: {line}  grid {png_path}", flush=True)
     print("summary: " + ", ".join(f"CLIP scale {s:g} -> {a:.3f}" for s, a in results.items()))
 
 

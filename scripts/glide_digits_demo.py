@@ -75,12 +75,24 @@ def clean_classifier(workdir: str):
         f"scikit-learn logistic regression on pixels (digits test accuracy {acc:.3f})"
 
 
+def score_samples(npz_path: str, predict) -> tuple[float, str]:
+    """(accuracy, one-line summary) of a samples file whose arr_1 holds the prompted digits."""
+    import numpy as np
+
+    with np.load(npz_path) as z:
+        images, wanted = z["arr_0"], z["arr_1"]
+    got = predict(images)
+    per_digit = [float((got[wanted == d] == d).mean()) for d in range(10)]
+    acc = float((got == wanted).mean())
+    return acc, (f"accuracy {acc:.3f} ({int((got == wanted).sum())}/{len(got)})"
+                 f"  per digit {' '.join(f'{a:.1f}' for a in per_digit)}")
+
+
 def main(argv):
     from diffusion_jax.runtime.xla_flags import set_cpu_flags
 
     set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
     del argv
-    import numpy as np
 
     from diffusion_jax.generation import program
 
@@ -95,13 +107,8 @@ def main(argv):
             timestep_respacing=FLAGS.timestep_respacing, cfg_scale=scale, prompts=prompts, seed=FLAGS.seed,
             ema_rate=FLAGS.ema_rate, out=os.path.join(out_root, f"cfg{scale:g}"), progress=False)
         npz_path, png_path = program.run(FLAGS.workdir, opts, log=lambda s: None)
-        with np.load(npz_path) as z:
-            images, wanted = z["arr_0"], z["arr_1"]
-        got = predict(images)
-        per_digit = [float((got[wanted == d] == d).mean()) for d in range(10)]
-        results[scale] = float((got == wanted).mean())
-        print(f"guidance scale {scale:g}: accuracy {results[scale]:.3f} ({int((got == wanted).sum())}/{len(got)})"
-              f"  per digit {' '.join(f'{a:.1f}' for a in per_digit)}  grid {png_path}")
+        results[scale], line = score_samples(npz_path, predict)
+        print(f"guidance scale {scale:g}: {line}  grid {png_path}", flush=True)
     print("summary: " + ", ".join(f"scale {s:g} -> {a:.3f}" for s, a in results.items()))
 
 

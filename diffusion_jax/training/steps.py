@@ -179,7 +179,7 @@ def _accumulate(loss_fn, params, micro: dict, m: int, layout: Layout | None = No
 
 
 def _diffusion_inputs(state: TrainState, batch: dict, rng, *, schedule: Schedule, spec: StepSpec,
-                      mask_rng=None) -> dict:
+                      mask_rng) -> tuple[dict, jax.Array]:
     """Everything random, drawn at global batch shape: t, weights, noise, x_t, labels (, masks)."""
     t_rng, noise_rng, label_rng, drop_rng = jax.random.split(rng, 4)
     x_start = batch["image"]
