@@ -89,7 +89,8 @@ class GlideTrainTest(absltest.TestCase):
                      mask=jnp.asarray(cond["mask"]))
         state = train_steps.TrainState(step=jnp.zeros((), jnp.int32), params=None, opt_state=None, ema_params=(),
                                        sampler_state=spec.sampler.init(), first_nonfinite=jnp.int32(-1))
-        micro, _ = train_steps._diffusion_inputs(state, batch, jax.random.key(0), schedule=schedule, spec=spec)
+        micro, _ = train_steps._diffusion_inputs(state, batch, jax.random.key(0), schedule=schedule, spec=spec,
+                                                 mask_rng=jax.random.key(1))
         tokens, mask = np.asarray(micro["y"]["tokens"]), np.asarray(micro["y"]["mask"])
         null = tc.null_caption(tokenizer, CTX)
         is_null = np.all(tokens == null["tokens"], axis=1) & np.all(mask == null["mask"], axis=1)
