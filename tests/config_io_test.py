@@ -71,6 +71,8 @@ class ConfigIOTest(parameterized.TestCase):
         self.assertEqual(got.diffusion.schedule_sampler, defaults.get_config().diffusion.schedule_sampler)
         self.assertEqual(got.source.repo, "guided")
         self.assertEqual(set(got.keys()), set(defaults.get_config().keys()) | {"source"})
+        # It was trained on no dataset of ours: evaluate.py must ask for --data, not fall back to digits.
+        self.assertEqual(checkpoints.load_for_inference(self.dir)[2]["data"]["name"], "")
 
     @parameterized.parameters(
         ({"bogus": 1}, "'bogus'"),

@@ -358,7 +358,9 @@ def load_for_inference(workdir: str, ema_rate: float | None = None) -> tuple[Any
             "or a directory written by `python -m diffusion_jax.convert`")
     if os.path.exists(os.path.join(workdir, "params.safetensors")):
         module, params, cfg = convert.load_converted(workdir)
-        return module, params, config_io.config_from_dict(cfg, path).to_dict()
+        cfg = config_io.config_from_dict(cfg, path).to_dict()
+        cfg["data"]["name"] = ""  # a converted checkpoint was trained on no dataset of ours: callers must name one
+        return module, params, cfg
     cfg = config_io.load_config(workdir).to_dict()  # every field, defaults from runtime.defaults
     module = kinds.build(cfg["kind"], **cfg["model"])
     params, step, rate = _training_params(workdir, cfg, ema_rate)
