@@ -2,9 +2,11 @@
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -21,8 +23,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(mode: str, nproc: int, workdir: str = "", overrides: dict | None = None,
-            devices: int = 2) -> list[dict]:
+def _start(mode: str, nproc: int, workdir: str = "", overrides: dict | None = None,
+           devices: int = 2) -> tuple[list[subprocess.Popen], list[str]]:
+    """The worker processes (stdout+stderr piped) and the files they write their results to."""
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="mp_")
     outs = [os.path.join(tmp, f"out{i}.json") for i in range(nproc)]
@@ -31,6 +34,12 @@ def _launch(mode: str, nproc: int, workdir: str = "", overrides: dict | None = N
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "mp_worker.py"), mode, str(i), str(nproc),
                                str(port), outs[i], workdir, *extra], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+    return procs, outs
+
+
+def _launch(mode: str, nproc: int, workdir: str = "", overrides: dict | None = None,
+            devices: int = 2) -> list[dict]:
+    procs, outs = _start(mode, nproc, workdir, overrides, devices)
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
@@ -82,3 +91,28 @@ class MultiProcessTest(absltest.TestCase):
         self.assertEqual(steps, [1, 2, 3, 4])
         self.assertEqual(want_steps, steps)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def test_sigterm_on_one_host_stops_every_host_at_the_same_step(self):
+        # A preemption notice reaching one process only: both must checkpoint the same step (saving is a
+        # collective; a lone saver would hang its peer) and exit cleanly, via JAX's preemption service.
+        workdir = tempfile.mkdtemp(prefix="mp_sigterm_")
+        procs, _ = _start("train", 2, workdir, {"train.num_steps": 100000, "train.checkpoint_every": 100000,
+                                                 "train.log_every": 1})
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.time() + 300
+        while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+            self.assertIsNone(procs[0].poll(), "training ended before the signal")
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+        for p, log in zip(procs, logs):
+            self.assertEqual(p.returncode, 0, log[-3000:])
+        stopped = [int(line.split("checkpointed step ")[1].split()[0]) for log in logs
+                   for line in log.splitlines() if "checkpointed step" in line]
+        self.assertLen(stopped, 2, logs)
+        self.assertEqual(stopped[0], stopped[1])
+        self.assertLess(stopped[0], 100000)
+        saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+        self.assertEqual(saved, [stopped[0]])
+        rows = [json.loads(line)["step"] for line in open(metrics)]
+        self.assertEqual(rows[-1], stopped[0])

@@ -162,20 +162,29 @@ def move_aside(checkpoint_root: str, step: int) -> str:
 
 
 class StopRequests:
-    """SIGTERM and a first Ctrl-C set `requested` (the loop checkpoints and stops); a second Ctrl-C ends it at once.
+    """SIGTERM and a first Ctrl-C ask the training loop to checkpoint and stop; a second Ctrl-C ends it at once.
+
+    The loop calls `should_stop(step)` after every step, on every process.  With one process that is the local
+    request.  With several, every process must checkpoint at the *same* step (saving is collective), so the
+    decision goes through JAX's preemption service, which `jax.distributed.initialize` starts: its SIGTERM
+    handler on each host reports the notice to the coordinator, which picks the step after the furthest host's
+    and makes `multihost_utils.reached_preemption_sync_point` true on every host at that step.  So SIGTERM is
+    left to that handler, and a first Ctrl-C on any host re-raises itself as SIGTERM to join the same protocol.
 
     Installs its handlers only in the main thread (elsewhere Python refuses).
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # stop after this step (on every process at once)
         self.signal_name = None
         self._old = {}
+        self._multihost = False
 
     def __enter__(self):
         import signal
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self._multihost = _preemption_service_running()
+        for sig in (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. some test runners)
@@ -185,13 +194,26 @@ class StopRequests:
     def _handler(self, signum, frame):
         import signal
 
-        self.requested = True
         self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             # The OS default for the next one: it ends the process even inside a long XLA call.
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once, "
                   "losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+        if self._multihost:  # every host learns of it through JAX's preemption service
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to checkpoint `step` and stop; with several processes, true on all of them at the same step."""
+        if self._multihost and not self.requested:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = True
+                self.signal_name = self.signal_name or "SIGTERM (on another host)"
+        return self.requested
 
     def __exit__(self, *exc):
         import signal
@@ -199,3 +221,11 @@ class StopRequests:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+
+
+def _preemption_service_running() -> bool:
+    """True in a multi-process run whose JAX preemption service is on (`jax.distributed.initialize` starts it)."""
+    import jax
+    from jax._src import distributed  # the service's handle has no public accessor
+
+    return jax.process_count() > 1 and getattr(distributed.global_state, "preemption_sync_manager", None) is not None

@@ -127,7 +127,7 @@ def _check_labels(source, num_classes: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
-_Preemption = wd.StopRequests  # SIGTERM / first Ctrl-C: checkpoint and stop; second Ctrl-C: exit at once.
+_Preemption = wd.StopRequests  # SIGTERM / first Ctrl-C: checkpoint and stop (all hosts at one step); 2nd Ctrl-C: exit.
 
 
 def _check_finite(state, last_good: int | None) -> None:
@@ -238,12 +238,13 @@ def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
                     progress.set_postfix(loss=f"{last['loss']:.4f}")
                     history, t_log = [], time.perf_counter()
                 progress.update(1)
-                if done % config.train.checkpoint_every == 0 or done == config.train.num_steps or preempt.requested:
+                stop = preempt.should_stop(done)  # every process, every step: they stop at the same one
+                if done % config.train.checkpoint_every == 0 or done == config.train.num_steps or stop:
                     _check_finite(state, last_good)
                     checkpoints.save(manager, done, state, data_it, cfg_dict)
                     last_good = done
                 hooks.after_step(done, state, writer)
-                if preempt.requested:
+                if stop:
                     print(f"{preempt.signal_name}: checkpointed step {done} and stopped; re-run to resume",
                           flush=True)
                     break
