@@ -98,6 +98,8 @@ class MultiProcessTest(absltest.TestCase):
         workdir = tempfile.mkdtemp(prefix="mp_sigterm_")
         procs, _ = _start("train", 2, workdir, {"train.num_steps": 100000, "train.checkpoint_every": 100000,
                                                  "train.log_every": 1})
+        for p in procs:
+            self.addCleanup(p.kill)  # a hung peer (the bug this guards against) must not outlive the test
         metrics = os.path.join(workdir, "metrics.jsonl")
         deadline = time.time() + 300
         while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
