@@ -80,13 +80,19 @@ class NllRunnerTest(absltest.TestCase):
     def test_one_vs_eight_devices_and_chunking(self):
         batch = {"image": self.x, "label": self.labels, "index": jnp.arange(8, dtype=jnp.int32),
                  "valid": jnp.ones(8, bool)}
-        outs = []
-        for n, t_chunk in ((1, 10), (8, 4)):
-            mesh = nll.make_mesh(n)
+        outs, flops = [], []
+        for n, fsdp, t_chunk in ((1, 1, 10), (8, 1, 4), (8, 4, 4)):
+            mesh = nll.make_mesh(n, fsdp=fsdp)
             step = nll.make_chain_fn(self.apply, self.schedule, mesh=mesh, t_chunk=t_chunk, class_cond=True, **KW)
-            outs.append(step(self.params, nll.global_batch(mesh, batch), jax.random.key(3))[0])
-        for a, b, name in zip(outs[0], outs[1], nll.NllBatch._fields):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+            args = (self.params, nll.global_batch(mesh, batch), jax.random.key(3))
+            outs.append(step(*args)[0])
+            flops.append(step.lower(*args).compile().cost_analysis()["flops"])  # per device
+        for out in outs[1:]:
+            for a, b, name in zip(outs[0], out, nll.NllBatch._fields):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+        # An FSDP mesh splits the examples over all 8 devices too: no device repeats another's work.
+        self.assertLess(flops[2], 1.1 * flops[1])
+        self.assertLess(flops[1], 0.25 * flops[0])
 
     def test_importance_sampled_estimate_is_unbiased(self):
         s, x, y = self.schedule, self.x[:4], self.labels[:4]

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import gaussian, likelihood
-from diffusion_jax.runtime.parallel import global_batch, make_mesh  # re-exported: evaluation.make_mesh
+from diffusion_jax.runtime.parallel import batch_spec, data_sharded, global_batch, make_mesh  # make_mesh re-exported
 from diffusion_jax.schedules import Schedule
 
 # (params, x [N, H, W, C], model timesteps [N], y [N] | None) -> model output [N, H, W, C or 2C]
@@ -172,7 +172,7 @@ def _batch_parts(batch: dict):
 
 def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.Mesh, t_chunk: int,
                   mean_type: str, var_type: str, clip_denoised: bool = True, class_cond: bool = False):
-    """The jitted full-chain step of the NLL runner, sharded over `mesh`'s 'data' axis.
+    """The jitted full-chain step of the NLL runner, its batch split over every axis of `mesh` (data and fsdp).
 
     Returns:
       `step(params, batch, rng) -> (NllBatch, index [B], valid [B])`, all
@@ -191,15 +191,17 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
                             mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
         out = reduce_chain(terms, batch["valid"])
         # Per-t sums are the only cross-device reduction.
-        out = out._replace(vb_t=jax.lax.psum(out.vb_t, "data"), mse_t=jax.lax.psum(out.mse_t, "data"),
-                           xstart_mse_t=jax.lax.psum(out.xstart_mse_t, "data"))
+        out = out._replace(vb_t=jax.lax.psum(out.vb_t, axes), mse_t=jax.lax.psum(out.mse_t, axes),
+                           xstart_mse_t=jax.lax.psum(out.xstart_mse_t, axes))
         return out, index, batch["valid"]
 
-    out_specs = (NllBatch(*([P("data")] * 5 + [P()] * 3)), P("data"), P("data"))
+    rows = batch_spec(mesh)  # the batch over all devices: an FSDP mesh repeats no example
+    axes = tuple(mesh.axis_names)
+    out_specs = (NllBatch(*([rows] * 5 + [P()] * 3)), rows, rows)
 
     def step(params, batch, rng):
         batch = {k: batch[k] for k in ("image", "index", "valid") + (("label",) if class_cond else ())}
-        in_specs = (P(), {k: P("data") for k in batch}, P())
+        in_specs = (P(), {k: rows for k in batch}, P())
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(params, batch, rng)
 
     repl = NamedSharding(mesh, P())
@@ -262,7 +264,7 @@ def make_nll_estimator(apply_fn: ApplyFn, schedule: Schedule, *, mean_type: str,
       proposal: p(t) `[K]` (normalised here), e.g. `proposal_from_profile(...)`
         or a `LossSecondMomentSampler`'s weights; None = uniform.
       class_cond: pass `batch["label"]` to the model.
-      mesh: shard the batch over this mesh's 'data' axis (None: plain jit,
+      mesh: split the batch over every axis of this mesh (None: plain jit,
         shardings follow the inputs).
 
     Returns:
@@ -285,8 +287,7 @@ def make_nll_estimator(apply_fn: ApplyFn, schedule: Schedule, *, mean_type: str,
 
     if mesh is None:
         return jax.jit(estimate)
-    data = NamedSharding(mesh, P("data"))
-    return jax.jit(estimate, out_shardings=data)
+    return jax.jit(estimate, out_shardings=data_sharded(mesh))
 
 
 __all__ = [
