@@ -180,6 +180,8 @@ class CascadeTest(absltest.TestCase):
             program.run(base_dir, dataclasses.replace(opts, base_samples=base_npz), log=lambda s: None)
         with self.assertRaisesRegex(ValueError, "pass --base_samples"):
             program.run(sr_dir, opts, log=lambda s: None)
+        with self.assertRaisesRegex(ValueError, "--labels does not apply with --base_samples.*arr_1"):
+            program.run(sr_dir, dataclasses.replace(opts, base_samples=base_npz), log=lambda s: None)
 
 
 class TrainTest(absltest.TestCase):

@@ -175,6 +175,10 @@ def run(module, params, cfg: dict, workdir: str, opts, load: Callable, log: Call
                              "low-res samples), or pass a base model as --workdir and this one as --upsampler_workdir")
         if opts.upsampler_workdir:
             raise ValueError("--upsampler_workdir takes the base model as --workdir, not a super_res model")
+        if opts.labels is not None:
+            raise ValueError("--labels does not apply with --base_samples: each image's label is read from the "
+                             f"file's arr_1 ({opts.base_samples}); drop --labels, or write the labels you want "
+                             "into arr_1")
         sr, sr_params, plan = module, params, make_sr_plan(cfg, opts, "--workdir")
         low_res, labels = load_base_samples(opts.base_samples, plan)
     else:
