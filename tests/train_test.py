@@ -181,3 +181,21 @@ class EndToEndTest(parameterized.TestCase):
         rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
         self.assertIn("acc1", rows[-1])
         self.assertIn("loss_q3", rows[-1])
+
+
+class GridTest(parameterized.TestCase):
+
+    def test_grid_sampler_compiles_once_per_run(self):
+        from diffusion_jax.generation import engine
+        from diffusion_jax.training import grids
+
+        config = _tiny()
+        mesh, state, _ = _setup(config, 2)
+        job = grids.class_grid(config, train_lib.make_model(config))
+        workdir = _tmpdir()
+        for step in (1, 2):
+            grids.write(job, config, workdir, mesh, state, step)
+            self.assertTrue(os.path.exists(os.path.join(workdir, "samples", f"step_{step:07d}.png")))
+        jitted = engine._compile(job.sample_fn, jax.random.key_impl(jax.random.key(0)), parallel.data_sharded(mesh))
+        self.assertEqual(jitted._cache_size(), 1)
+

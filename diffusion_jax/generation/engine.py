@@ -20,6 +20,7 @@ caller's process 0 should write them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -87,9 +88,10 @@ def _place_args(mesh: jax.sharding.Mesh, args):
     return jax.tree.map(place, args)
 
 
-def _compile(sample_fn: Callable, rng: jax.Array, batch_sharding) -> Callable:
-    impl = jax.random.key_impl(rng)
-
+@functools.lru_cache(maxsize=16)
+def _compile(sample_fn: Callable, impl, batch_sharding) -> Callable:
+    """One jitted function per (sample_fn, key kind, sharding): a caller that keeps its `sample_fn` (the
+    training grids) compiles once per run, not at every call."""
     def run(args, key_data, sample_ids, cond):
         return to_uint8(sample_fn(args, jax.random.wrap_key_data(key_data, impl=impl), sample_ids, cond))
 
@@ -130,7 +132,7 @@ def generate(sample_fn: Callable, num_samples: int, *, batch_size: int, rng: jax
     if global_batch != batch_size and log is not None:
         log(f"batch_size {batch_size} rounded up to {global_batch} ({mesh.devices.size} devices)")
     cond_of = conditioning_of(conditioning, num_samples)
-    fn = _compile(sample_fn, rng, batch)
+    fn = _compile(sample_fn, jax.random.key_impl(rng), batch)
     args = _place_args(mesh, args)
     key_data = parallel.put_global(mesh, np.asarray(jax.random.key_data(rng)))
     put = lambda a: jax.make_array_from_process_local_data(batch, np.asarray(a), (global_batch,) + np.shape(a)[1:])

@@ -11,6 +11,8 @@ Sample i draws its noise from `fold_in(key(seed + 2), i)`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -38,19 +40,20 @@ def _setup(config):
     return sample
 
 
-def _write(workdir: str, step: int, samples: np.ndarray, nrow: int) -> str | None:
-    if not parallel.is_main_process():
-        return None
-    return images.write_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"),
-                            images.image_grid(samples, nrow=nrow))
+class GridJob(NamedTuple):
+    """A run's sample grid, built once: the engine compiles `sample_fn` at the first write only."""
+    sample_fn: Callable  # (params, rng, ids, cond) -> x in [-1, 1]
+    conditioning: Any  # labels [N], caption pytree, or None
+    num: int  # N samples
+    nrow: int  # images per grid row
 
 
-def write_grid(config, workdir: str, mesh, model, state, step: int) -> str | None:
-    """Sample a grid with the EMA params and write `samples/step_XXXXXXX.png` (process 0)."""
+def class_grid(config, model) -> GridJob:
+    """Class-conditional (or unconditional) U-Nets: `sample.num_per_class` per class, one row per class,
+    classifier-free guided with `sample.cfg_scale` when the model has a null label; else 64 samples."""
     s = config.sample
     num_classes = config.model.num_classes
     labels = grid_labels(num_classes, s.num_per_class)
-    n = len(labels) if labels is not None else 64
     size, ch = config.model.image_size, config.model.in_channels
     guided = labels is not None and s.cfg_scale and config.model.null_label
     sample = _setup(config)
@@ -62,15 +65,14 @@ def write_grid(config, workdir: str, mesh, model, state, step: int) -> str | Non
         fn = guidance.classifier_free(model_fn, s.cfg_scale, null_label=num_classes) if guided else model_fn
         return sample(rng, fn, (ids.shape[0], size, size, ch), ids, y)
 
-    params = state.ema_params[0] if state.ema_params else state.params
-    out = engine.generate(sample_fn, n, batch_size=n, rng=jax.random.key(config.seed + 2), args=params,
-                          conditioning=labels, mesh=mesh, log=None)
-    return _write(workdir, step, out.images, s.num_per_class if labels is not None else 8)
+    if labels is None:
+        return GridJob(sample_fn, None, 64, 8)
+    return GridJob(sample_fn, labels, len(labels), s.num_per_class)
 
 
-def write_text_grid(config, workdir: str, mesh, model, state, step: int) -> str | None:
+def text_grid(config, model) -> GridJob:
     """GLIDE kinds: `sample.num_per_class` samples for each of `text.grid_prompts`, one row per prompt,
-    guided with `sample.cfg_scale` when it is > 0 (EMA params; `samples/step_XXXXXXX.png`)."""
+    guided with `sample.cfg_scale` when it is > 0."""
     from diffusion_jax.runtime import text_conditioning as tc
 
     s = config.sample
@@ -86,7 +88,15 @@ def write_text_grid(config, workdir: str, mesh, model, state, step: int) -> str 
         fn, y = tc.text_model_fn(model, params, c["tokens"], c["mask"], null=null, cfg_scale=scale)
         return sample(rng, fn, (ids.shape[0], size, size, ch), ids, y)
 
+    return GridJob(sample_fn, cond, len(prompts), s.num_per_class)
+
+
+def write(job: GridJob, config, workdir: str, mesh, state, step: int) -> str | None:
+    """Sample `job` with the first EMA's params and write `samples/step_XXXXXXX.png` (process 0)."""
     params = state.ema_params[0] if state.ema_params else state.params
-    out = engine.generate(sample_fn, len(prompts), batch_size=len(prompts), rng=jax.random.key(config.seed + 2),
-                          args=params, conditioning=cond, mesh=mesh, log=None)
-    return _write(workdir, step, out.images, s.num_per_class)
+    out = engine.generate(job.sample_fn, job.num, batch_size=job.num, rng=jax.random.key(config.seed + 2),
+                          args=params, conditioning=job.conditioning, mesh=mesh, log=None)
+    if not parallel.is_main_process():
+        return None
+    return images.write_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                            images.image_grid(out.images, nrow=job.nrow))

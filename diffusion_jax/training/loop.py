@@ -306,7 +306,7 @@ class _Hooks:
 
     def __init__(self, config, workdir, mesh, model, schedule):
         self.config, self.workdir, self.mesh, self.model, self.schedule = config, workdir, mesh, model, schedule
-        self._eval = None
+        self._eval = self._grid_job = None
         # Grids: diffusion U-Nets, and text models with prompts (upsamplers would need low-res inputs).
         spec = kinds.get(config.kind)
         self._grids = spec.from_noise and ("tokens" not in spec.inputs or bool(config.text.grid_prompts))
@@ -324,12 +324,11 @@ class _Hooks:
             self.sample_grid(step, state)
 
     def sample_grid(self, step: int, state) -> None:
-        from diffusion_jax.training import grids as train_samples
+        from diffusion_jax.training import grids
 
-        if not is_text(self.config):
-            train_samples.write_grid(self.config, self.workdir, self.mesh, self.model, state, step)
-        else:
-            train_samples.write_text_grid(self.config, self.workdir, self.mesh, self.model, state, step)
+        if self._grid_job is None:  # built once, so its sampler compiles once per run
+            self._grid_job = (grids.text_grid if is_text(self.config) else grids.class_grid)(self.config, self.model)
+        grids.write(self._grid_job, self.config, self.workdir, self.mesh, state, step)
 
     def evaluate(self, state) -> dict:
         from diffusion_jax.training import evaluator as train_eval
