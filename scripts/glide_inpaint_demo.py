@@ -82,9 +82,9 @@ def main(argv):
     mask = half_mask(FLAGS.keep, x.shape[1])
     np.savez(os.path.join(out, "inputs.npz"), x)
     np.savez(os.path.join(out, "mask.npz"), mask)
-    erased = mask[None, :, :, None] == 0
+    erased = np.broadcast_to(mask[None, :, :, None] == 0, x.shape)  # the generated pixels of every image
     n = len(x)
-    black = np.where(np.broadcast_to(erased, x.shape), np.uint8(0), x)
+    black = np.where(erased, np.uint8(0), x)
     print(f"references: the originals read as their digit {float((predict(x) == y).mean()):.3f}; with the erased "
           f"half left black {float((predict(black) == y).mean()):.3f}", flush=True)
     results = {}
@@ -98,16 +98,15 @@ def main(argv):
         npz_path, _ = program.run(FLAGS.workdir, opts, log=lambda s: None)
         with np.load(npz_path) as z:
             samples = z["arr_0"]
-        kept = bool(np.all(samples[~np.broadcast_to(erased, samples.shape)]
-                           == x[~np.broadcast_to(erased, x.shape)]))
+        kept = bool(np.all(samples[~erased] == x[~erased]))
         got = predict(samples)
-        mae = float(np.abs(samples.astype(np.float32) - x.astype(np.float32))[np.broadcast_to(erased, x.shape)].mean())
+        mae = float(np.abs(samples.astype(np.float32) - x.astype(np.float32))[erased].mean())
         results[name] = samples
         print(f"{name} (cfg {FLAGS.cfg_scale:g}): reads as the true digit {float((got == y).mean()):.3f}, "
               f"as the prompted digit {float((got == (y + shift) % 10).mean()):.3f}; "
               f"MAE on the erased half {mae:.1f}/255; kept half unchanged: {kept}", flush=True)
     shown = min(n, 20)
-    grey = np.where(np.broadcast_to(erased, x.shape), np.uint8(128), x)
+    grey = np.where(erased, np.uint8(128), x)
     rows = [grey[:shown], results["own prompt"][:shown], results["other prompt"][:shown], x[:shown]]
     path = images_io.write_png(os.path.join(out, "inpaint_demo.png"),
                                images_io.image_grid(np.concatenate(rows), nrow=shown))
