@@ -16,13 +16,17 @@ reports
   step / step time (per device), `mfu` = tflops / the device's dense bf16 peak
   (`PEAK_BF16_TFLOPS`; null where unknown), `peak_bytes` (the device's
   `memory_stats()["peak_bytes_in_use"]`, a high-water mark since the process
-  started, so runs go from smallest to largest; null on CPU),
-  `compiled_bytes` (XLA's memory analysis of this executable) and
+  started, so runs go from smallest to largest; where the runtime keeps no
+  allocator statistics, as on CPU, the compiled executable's own peak from
+  `memory_analysis()`; `peak_bytes_source` says which: "device" or
+  "memory_analysis"), `compiled_bytes` (XLA's memory analysis of this
+  executable: arguments + outputs + temporaries - aliased) and
   `max_batch_per_device` (a bounded doubling search from `--batch`, for the
   first kernel set; `batch_search_complete` false when the budget cut it);
 - `sample`: `images_per_s` of the 250-step ancestral chain and the 25-step
   DDIM chain (`sampling.p_sample_loop` / `ddim_sample_loop`, one `lax.scan`);
-- `nll`: `images_per_s` of the full-T bits/dim chain (`evaluation.nll`).
+- `nll`: `images_per_s` of the full-T bits/dim chain (`evaluation.nll`);
+  both with `peak_bytes` / `peak_bytes_source` as for training.
 
 Every figure is timed after a warm-up call, with `jax.block_until_ready`;
 compile time (`lower().compile()`) is reported apart.  `tflops` counts what
@@ -127,12 +131,18 @@ def _compiled_bytes(compiled) -> int | None:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def peak_bytes() -> int | None:
+def peak_bytes(compiled) -> dict:
+    """`peak_bytes` and its `peak_bytes_source`: the device allocator's high-water mark where the runtime keeps
+    statistics (GPU, TPU), else the compiled executable's peak from XLA's memory analysis (CPU)."""
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 - backends without allocator statistics
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return dict(peak_bytes=int(stats["peak_bytes_in_use"]), peak_bytes_source="device")
+    m = compiled.memory_analysis()
+    peak = int(getattr(m, "peak_memory_in_bytes", 0) or 0) if m is not None else 0
+    return dict(peak_bytes=peak or _compiled_bytes(compiled), peak_bytes_source="memory_analysis")
 
 
 def _host_batch(config, n: int, seed: int = 0) -> dict:
@@ -173,7 +183,7 @@ def train_step_figures(config, per_device: int, steps: int) -> dict:
     tflops = flops / step_s / 1e12 if flops else None
     peak = peak_tflops(kind)
     out = dict(batch_per_device=per_device, images_per_s=n / step_s, step_s=step_s, compile_s=compile_s,
-               tflops=tflops, mfu=tflops / peak if tflops and peak else None, peak_bytes=peak_bytes(),
+               tflops=tflops, mfu=tflops / peak if tflops and peak else None, **peak_bytes(compiled),
                compiled_bytes=_compiled_bytes(compiled), loss=float(metrics["loss"]))
     del state, compiled
     gc.collect()
@@ -209,8 +219,9 @@ def max_batch(config, start: int, cap: int, deadline: float) -> dict:
     return dict(max_batch_per_device=fits, batch_search=tried, batch_search_complete=complete)
 
 
-def _timed_call(fn, *args, repeats: int = 2) -> tuple[float, float]:
-    """(compile_s, run_s) of `fn(*args)`: AOT compile, one warm-up call, the best of `repeats` timed calls."""
+def _timed_call(fn, *args, repeats: int = 2) -> tuple[float, float, dict]:
+    """(compile_s, run_s, peak) of `fn(*args)`: AOT compile, one warm-up call, the best of `repeats` timed calls;
+    `peak` is `peak_bytes(compiled)` after the calls."""
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -220,7 +231,7 @@ def _timed_call(fn, *args, repeats: int = 2) -> tuple[float, float]:
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return compile_s, min(times)
+    return compile_s, min(times), peak_bytes(compiled)
 
 
 def _params(config):
@@ -242,9 +253,9 @@ def sample_figures(config, batch: int, respacing: str) -> dict:
         model_fn = lambda x, t, yy: model.apply({"params": params}, x, t, yy)  # noqa: E731
         return loop(rng, model_fn, schedule, (batch, s, s, c), mean_type=d.mean_type, var_type=d.var_type, y=y)
 
-    compile_s, run_s = _timed_call(run, params, jax.random.key(1), y)
+    compile_s, run_s, peak = _timed_call(run, params, jax.random.key(1), y)
     return dict(steps=schedule.num_timesteps, batch=batch, images_per_s=batch / run_s, chain_s=run_s,
-                compile_s=compile_s)
+                compile_s=compile_s, **peak)
 
 
 def nll_figures(config, batch: int, t_chunk: int) -> dict:
@@ -259,9 +270,9 @@ def nll_figures(config, batch: int, t_chunk: int) -> dict:
                              var_type=d.var_type, class_cond=class_cond)
     host = _host_batch(config, n)
     host.update(index=np.arange(n, dtype=np.int32), valid=np.ones(n, bool))
-    compile_s, run_s = _timed_call(step, params, nll.global_batch(mesh, host), jax.random.key(2))
+    compile_s, run_s, peak = _timed_call(step, params, nll.global_batch(mesh, host), jax.random.key(2))
     return dict(timesteps=schedule.num_timesteps, batch=n, images_per_s=n / run_s, chain_s=run_s,
-                compile_s=compile_s)
+                compile_s=compile_s, **peak)
 
 
 def run(plan: Plan, kernels_list: list[str], budget_s: float) -> dict:

@@ -29,16 +29,20 @@ class AcceleratorBenchTest(absltest.TestCase):
                 train = entry["train"][remat]
                 for key in ("images_per_s", "tflops", "step_s", "compile_s"):
                     self.assertGreater(train[key], 0, f"{kernels} {remat} {key}")
-                self.assertIn("peak_bytes", train)
+                self.assertGreater(train["peak_bytes"], 0, f"{kernels} {remat} peak_bytes")
+                self.assertIn(train["peak_bytes_source"], ("device", "memory_analysis"))
             for sample in entry["sample"].values():
                 self.assertGreater(sample["images_per_s"], 0)
+                self.assertGreater(sample["peak_bytes"], 0)
             self.assertEqual(sorted(s["steps"] for s in entry["sample"].values()), [5, 10])
             self.assertGreater(entry["nll"]["images_per_s"], 0)
+            self.assertGreater(entry["nll"]["peak_bytes"], 0)
             self.assertEqual(entry["nll"]["timesteps"], 10)
         searched = report["kernels"]["xla"]["train"]["remat_off"]
         self.assertGreaterEqual(searched["max_batch_per_device"], 2)
         for key in ("images_per_s", "tflops", "mfu", "peak_bytes"):
             self.assertIn(key, report["train"])
+        self.assertIsNotNone(report["train"]["peak_bytes"])  # on every backend, not only where the device counts
         self.assertGreater(report["sample"]["images_per_s"], 0)
         self.assertGreater(report["nll"]["images_per_s"], 0)
 
