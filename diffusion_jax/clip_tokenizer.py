@@ -13,9 +13,8 @@
 * ``padded_tokens_and_len(ids, text_ctx)`` = start token, ``ids[:text_ctx - 2]``,
   end token, zeros; the length counts start and end tokens.
 
-ftfy is only needed for text outside printable ASCII (or with ``&``, whose
-entities ftfy may unescape once more): on the rest ftfy changes nothing, and
-without ftfy such text raises rather than tokenizing differently.
+ftfy (a dependency of the package, as of CLIP's) repairs mojibake and
+normalises Unicode first, so non-ASCII captions tokenize as CLIP's do.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import html
 import os
 from collections.abc import Iterable, Sequence
 
+import ftfy
 import numpy as np
 import regex
 
@@ -32,24 +32,11 @@ from diffusion_jax.bpe import bytes_to_unicode, read_text
 START, END = "<|startoftext|>", "<|endoftext|>"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of the file.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) | {"\t", "\n", "\r"}
-
-
-def _fix_text(text: str) -> str:
-    """``ftfy.fix_text``, or the identity on text where ftfy is known to change nothing."""
-    try:
-        import ftfy
-    except ImportError:
-        if set(text) <= _PLAIN and "&" not in text:
-            return text
-        raise ImportError(
-            "CLIP's tokenizer cleans non-ASCII text (and HTML entities) with ftfy; `pip install ftfy`") from None
-    return ftfy.fix_text(text)
 
 
 def clean_text(text: str) -> str:
     """CLIP's ``basic_clean`` then ``whitespace_clean``, then lower case (what ``encode`` splits)."""
-    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 

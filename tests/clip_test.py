@@ -189,14 +189,10 @@ class TokenizerTest(absltest.TestCase):
         self.assertEqual(tokens[1:-1], ids[:10])
         self.assertEqual(self.tok.padded_tokens_and_len([], 5), ([49406, 49407, 0, 0, 0], 2))
 
-    def test_without_ftfy_only_plain_text(self):
-        try:
-            import ftfy  # noqa: F401
-        except ImportError:
-            with self.assertRaisesRegex(ImportError, "ftfy"):
-                self.tok.encode("naïve café")
-        else:
-            self.assertEqual(self.tok.decode(self.tok.encode("naïve café")), "naïve café ")
+    def test_non_ascii_captions_go_through_ftfy(self):
+        ids = self.tok.encode("naïve café")
+        self.assertEqual(self.tok.decode(ids), "naïve café ")
+        self.assertEqual(self.tok.encode("naÃ¯ve cafÃ©"), ids)  # ftfy repairs mojibake, as CLIP's tokenizer does
 
     def test_clean_and_decode(self):
         self.assertEqual(self.tok.encode("  A   Handwritten\tZERO "), self.tok.encode("a handwritten zero"))

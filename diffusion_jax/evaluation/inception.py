@@ -16,7 +16,10 @@ Outputs for images in [0, 255] (uint8 or float) NHWC of any size (resized to
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -149,12 +152,23 @@ def resize_bilinear(x: jax.Array, size: int) -> jax.Array:
     return jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bilinear", antialias=False)
 
 
+def preprocess(images: jax.Array) -> jax.Array:
+    """[N, H, W, 3] in [0, 255] -> [N, 299, 299, 3] in [-1, 1]: pytorch-fid's resize of x / 255, then 2x - 1."""
+    return resize_bilinear(images.astype(jnp.float32) / 255.0, 299) * 2.0 - 1.0
+
+
 class InceptionV3(nn.Module):
-    """`apply({'params': p}, images [N, H, W, 3] in [0, 255]) -> InceptionFeatures`."""
+    """`apply({'params': p}, images [N, H, W, 3] in [0, 255]) -> InceptionFeatures`.
+
+    With `preprocess_input=False` the inputs are `preprocess(images)` already,
+    so the 299x299 trunk compiles once whatever the image size.
+    """
+
+    preprocess_input: bool = True
 
     @nn.compact
     def __call__(self, images):
-        x = resize_bilinear(images.astype(jnp.float32) / 255.0, 299) * 2.0 - 1.0
+        x = preprocess(images) if self.preprocess_input else images
         x = BasicConv(32, 3, stride=2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, 3, name="Conv2d_2a_3x3")(x)
         x = max_pool(BasicConv(64, 3, padding=1, name="Conv2d_2b_3x3")(x))
@@ -202,12 +216,57 @@ def params_from_torch_state_dict(state_dict) -> dict:
     return params
 
 
+def torch_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors in pytorch-fid's weights file (torch layouts; BN's num_batches_tracked aside)."""
+    return dict(_torch_state_dict_shapes())
+
+
+@functools.cache
+def _torch_state_dict_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
+    want = jax.eval_shape(InceptionV3(preprocess_input=False).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32))["params"]
+    torch_bn = {v: k for k, v in _BN.items()}
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]:
+        *mods, leaf_name = (str(k.key) for k in path)
+        prefix = ".".join(mods)
+        if prefix == "fc":
+            shapes["fc.weight" if leaf_name == "kernel" else "fc.bias"] = tuple(leaf.shape[::-1])
+        elif leaf_name == "kernel":
+            kh, kw, i, o = leaf.shape
+            shapes[f"{prefix}.conv.weight"] = (o, i, kh, kw)
+        else:
+            shapes[f"{prefix}.bn.{torch_bn[leaf_name]}"] = tuple(leaf.shape)
+    return tuple(shapes.items())
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def check_state_dict(state_dict, path: str) -> None:
+    """ValueError naming the first few missing, misshapen or unexpected tensors (expected shapes included)."""
+    fix = f"pass pytorch-fid's {WEIGHTS_FILE} (from {WEIGHTS_URL}) with --inception_path"
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict; {fix}")
+    want = torch_state_dict_shapes()
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()
+           if not str(k).endswith(".num_batches_tracked")}
+    bad = [f"{k} is {_fmt(got[k])}, expected {_fmt(s)}" for k, s in want.items() if k in got and got[k] != s]
+    bad += [f"{k} {_fmt(s)} missing" for k, s in want.items() if k not in got]
+    bad += [f"{k} unexpected" for k in got if k not in want]
+    if bad:
+        more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise ValueError(f"{path} is not pytorch-fid's FID Inception: {'; '.join(bad[:4])}{more}; {fix}")
+
+
 def load_inception(path: str | None):
     """(module, params) from pytorch-fid's weights file.
 
     Raises:
       FileNotFoundError: naming where to get the file and how to pass it.
-      ValueError: the file does not hold the expected tensors (lists them).
+      ValueError: the file is not a torch state dict, or does not hold the
+        expected tensors (names the first few and their expected shapes).
     """
     if not path or not os.path.exists(path):
         raise FileNotFoundError(
@@ -215,22 +274,25 @@ def load_inception(path: str | None):
             f"{WEIGHTS_URL} (pytorch-fid's FID Inception) and pass its path with --inception_path.")
     import torch
 
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    module = InceptionV3()
-    got = params_from_torch_state_dict(state_dict)
-    want = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 299, 299, 3)))["params"]
-    flat_want = {"/".join(str(k.key) for k in p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    flat_got = {"/".join(str(k.key) for k in p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(got)[0]}
-    bad = sorted(set(flat_want) ^ set(flat_got)) + sorted(
-        k for k in set(flat_want) & set(flat_got) if tuple(flat_want[k]) != tuple(flat_got[k]))
-    if bad:
-        raise ValueError(f"{path} is not pytorch-fid's Inception: mismatched keys/shapes {bad[:20]}")
-    return module, jax.tree.map(jnp.asarray, got)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path} is not a torch weights file that torch.load(weights_only=True) reads ({first}); "
+                         f"pass pytorch-fid's {WEIGHTS_FILE} (from {WEIGHTS_URL}) with --inception_path") from e
+    check_state_dict(state_dict, path)
+    params = params_from_torch_state_dict(state_dict)
+    return InceptionV3(), jax.tree.map(jnp.asarray, params)
 
 
 def make_feature_fn(module: InceptionV3, params, *, batch_size: int = 100):
-    """`fn(images uint8 [N, H, W, 3]) -> InceptionFeatures` of NumPy arrays, streamed in batches."""
-    apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+    """`fn(images uint8 [N, H, W, 3]) -> InceptionFeatures` of NumPy arrays, streamed in batches.
+
+    The resize compiles per image size; the 299x299 trunk compiles once.
+    """
+    trunk = module.clone(preprocess_input=False)
+    resize = jax.jit(preprocess)  # Two programs: only this one depends on the image size.
+    apply = jax.jit(lambda p, x: trunk.apply({"params": p}, x))
 
     def features(images) -> InceptionFeatures:
         outs = []
@@ -239,7 +301,7 @@ def make_feature_fn(module: InceptionV3, params, *, batch_size: int = 100):
             n = len(batch)
             if n < batch_size:  # Pad so the jitted function sees one shape.
                 batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
-            outs.append([np.asarray(a)[:n] for a in apply(params, batch)])
+            outs.append([np.asarray(a)[:n] for a in apply(params, resize(batch))])
         return InceptionFeatures(*(np.concatenate(f) for f in zip(*outs)))
 
     return features

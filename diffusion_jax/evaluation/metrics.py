@@ -13,6 +13,7 @@ trained on digits (`feature_metrics`).
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -109,10 +110,19 @@ def load_reference(path: str, *, feature_dims=(2048, 2023)) -> dict:
     """Read an OpenAI `VIRTUAL_*.npz`: {"mu", "sigma", "mu_s", "sigma_s"} and/or "images" (arr_0).
 
     Raises:
-      ValueError: wrongly shaped statistics or images, naming the key and shapes.
+      ValueError: not an .npz, neither images nor statistics, or wrongly
+        shaped ones, naming the file, the key and the shapes.
     """
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
+    layout = (f"OpenAI's VIRTUAL_*.npz layout: arr_0 uint8 images [N, H, W, 3] and/or mu [{feature_dims[0]}], "
+              f"sigma [{feature_dims[0]}, {feature_dims[0]}] (optionally mu_s, sigma_s)")
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array")
+        with f:
+            data = {k: f[k] for k in f.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # a pickle, object arrays, not NumPy's format
+        raise ValueError(f"{path} is not a readable .npz file ({e}); pass a reference batch in {layout}") from e
     out = {}
     if "arr_0" in data:
         images = data["arr_0"]
@@ -128,7 +138,8 @@ def load_reference(path: str, *, feature_dims=(2048, 2023)) -> dict:
                     f"mixed_6 statistics), got {mu.shape} and {None if sigma is None else sigma.shape}")
             out[mu_key.replace("mu", "stats")] = Stats(mu.astype(np.float64), sigma.astype(np.float64))
     if not out:
-        raise ValueError(f"{path} has neither arr_0 images nor mu/sigma statistics (keys: {sorted(data)})")
+        raise ValueError(f"{path} has neither arr_0 images nor mu/sigma statistics (keys: {sorted(data)}); "
+                         f"pass a reference batch in {layout}")
     return out
 
 
