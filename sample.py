@@ -18,23 +18,12 @@ from absl import app, flags
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 from diffusion_jax.runtime import cli, parallel
-from diffusion_jax.generation import samplers
+from diffusion_jax.generation import sampling_flags
 
 flags.DEFINE_string("workdir", None, "Training workdir or converted OpenAI checkpoint directory.", required=True)
 flags.DEFINE_integer("num_samples", 16, "Number of images.")
-flags.DEFINE_integer("batch_size", 16, "Global batch size (rounded up to a multiple of the device count).")
-flags.DEFINE_string("timestep_respacing", None, "'N', 'a,b,c', 'ddimN', or solver spacings 'quadN' / "
-                    "'logsnrN'; default: the checkpoint's own.")
-flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS), "Sampling loop (default: ancestral, or ddim with "
-                  "--use_ddim); see diffusion_jax/generation/samplers.py.")
-flags.DEFINE_boolean("use_ddim", False, "Alias of --sampler=ddim.")
-flags.DEFINE_float("eta", 0.0, "DDIM eta (needs --sampler=ddim).")
-flags.DEFINE_boolean("clip_denoised", None, "Clip the x0 prediction to [-1, 1] at every step; default: the "
-                     "sampler's (on for ancestral/ddim, off for the DPM solvers).")
-flags.DEFINE_string("labels", None, "Comma list of classes (cycled), 'random' or 'null'; default random if needed.")
-flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (model must have a null label).")
-flags.DEFINE_string("classifier_workdir", None, "Noisy classifier (workdir or converted dir) for guidance.")
-flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale.")
+sampling_flags.define()  # --batch_size, --sampler, --labels, --cfg_scale, ... --seed, --ema_rate
+flags.adopt_module_key_flags(sampling_flags)  # listed by --help
 flags.DEFINE_multi_string("prompt", None, "Text models: a caption (repeatable); samples cycle through them.")
 flags.DEFINE_string("prompts_file", None, "Text models: a file of captions, one per line (added to --prompt).")
 flags.DEFINE_string("tokenizer_dir", None, "Directory with GLIDE's encoder.json and vocab.bpe (converted GLIDE "
@@ -52,13 +41,14 @@ flags.DEFINE_string("inpaint_mask", None, "GLIDE inpainting: PNG (255/white = ke
 flags.DEFINE_string("upsample_respacing", "fast27", "The upsampler's respacing (GLIDE: fast27).")
 flags.DEFINE_boolean("upsample_ddim", True, "DDIM for the upsampler (GLIDE's recipe); --noupsample_ddim: ancestral.")
 flags.DEFINE_float("upsample_temp", 0.997, "The upsampler's initial-noise multiplier (GLIDE: 0.997).")
-flags.DEFINE_string("clip_workdir", None, "CLIP guidance of a text model: a CLIP pair workdir (kind 'clip', "
-                    "configs/digits_clip.py); the model samples the prompt without --cfg_scale (GLIDE's recipe).")
+flags.DEFINE_string("clip_workdir", None, "CLIP guidance towards --prompt: a CLIP pair workdir (kind 'clip', "
+                    "configs/digits_clip.py) or OpenAI's converted towers (convert --preset=clip). Text models sample "
+                    "the prompt without --cfg_scale (GLIDE's recipe); U-Nets keep --labels as their condition.")
 flags.DEFINE_float("clip_scale", 1.0, "CLIP guidance scale.")
-flags.DEFINE_integer("seed", 0, "Sample i is a function of (seed, i) only.")
-flags.DEFINE_float("ema_rate", None, "Which EMA of a training workdir to use; default: the checkpoint's choice.")
 flags.DEFINE_string("out", None, "Output directory (or a .npz path); default <workdir>/samples.")
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+flags.DEFINE_boolean("write_shards", None, "Write the samples to <npz stem>.shards/ batch by batch (bounded "
+                     "memory; a rerun resumes there), then assemble the npz; default: when they exceed 1 GiB.")
 parallel.define_multihost_flags()
 
 FLAGS = flags.FLAGS
@@ -76,13 +66,9 @@ def _prompts() -> tuple[str, ...]:
 
 def _options():
     """The flags as `program.SampleOptions` (every field of it is a flag of the same name)."""
-    import dataclasses
-
     from diffusion_jax.generation import program
 
-    fields = {f.name for f in dataclasses.fields(program.SampleOptions)} & set(FLAGS)
-    values = {name: FLAGS[name].value for name in fields}
-    return program.SampleOptions(**dict(values, prompts=_prompts()))
+    return sampling_flags.options_from_flags(program.SampleOptions, FLAGS, prompts=_prompts())
 
 
 def main(argv):

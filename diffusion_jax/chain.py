@@ -73,6 +73,23 @@ def condition_score(schedule: Schedule, cond_fn: CondFn, pmv: MeanVariance, x_t:
     return MeanVariance(mean, pmv.variance, pmv.log_variance, pred_xstart)
 
 
+def predict_x0_eps(schedule: Schedule, model_fn: ModelFn, x: jax.Array, t: jax.Array, *, mean_type: str,
+                   var_type: str, clip_denoised: bool, cond_fn: CondFn | None = None, y=None,
+                   denoised_fn=None) -> tuple[jax.Array, jax.Array]:
+    """(x0, eps) at (x, t) on the grid, both as `sampling.ddim_sample` forms them (the ODE/SDE solvers' input).
+
+    The network output goes through `gaussian.p_mean_variance` (every mean
+    type; learned-variance channels ignored; optional clipping), `cond_fn`
+    shifts the score (eps - sqrt(1 - abar_t) grad, `condition_score`), and eps
+    is re-derived from the (clipped) x0.
+    """
+    out = model_mean_variance(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
+                              clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
+    if cond_fn is not None:
+        out = condition_score(schedule, cond_fn, out, x, t, y=y)
+    return out.pred_xstart, gaussian.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
+
+
 def sample_keys(rng: jax.Array, sample_ids: jax.Array) -> jax.Array:
     """Per-sample keys `[B]`: `fold_in(rng, sample_ids[i])` (global sample index)."""
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(sample_ids, jnp.uint32))

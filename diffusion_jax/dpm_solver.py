@@ -265,23 +265,6 @@ def coefficients(schedule: Schedule, plan: SolverPlan, *,
     return jnp.sqrt(abar_prev), jnp.sqrt(1 - abar_prev), c
 
 
-def _model_output(schedule: Schedule, model_fn, x: jax.Array, t: jax.Array, *, mean_type: str, var_type: str,
-                  clip_denoised: bool, cond_fn, y, denoised_fn) -> tuple[jax.Array, jax.Array]:
-    """(x0, eps) at (x, t), both as `sampling.ddim_sample` forms them.
-
-    The network output goes through `gaussian.p_mean_variance` (every mean
-    type; learned-variance channels ignored; optional clipping), `cond_fn`
-    shifts the score (eps - sqrt(1 - abar_t) grad, `condition_score`), and eps
-    is re-derived from the (clipped) x0.
-    """
-
-    out = chain.model_mean_variance(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
-                                       clip_denoised=clip_denoised, y=y, denoised_fn=denoised_fn)
-    if cond_fn is not None:
-        out = chain.condition_score(schedule, cond_fn, out, x, t, y=y)
-    return out.pred_xstart, gaussian.predict_eps_from_xstart(schedule, x, t, out.pred_xstart)
-
-
 def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: tuple[int, ...], *, order: int = 2,
                            method: str = "multistep", algorithm: str = "dpmsolver++", mean_type: str, var_type: str,
                            clip_denoised: bool = False, cond_fn=None, y=None, denoised_fn=None,
@@ -339,8 +322,9 @@ def dpm_solver_sample_loop(rng: jax.Array, model_fn, schedule: Schedule, shape: 
     num_steps = schedule.num_timesteps
     plan = make_plan(num_steps, order=order, method=method)
     alpha_next, sigma_next, c = coefficients(schedule, plan, algorithm=algorithm)
-    denoise = lambda x, t: _model_output(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
-                                         clip_denoised=clip_denoised, cond_fn=cond_fn, y=y, denoised_fn=denoised_fn)
+    denoise = lambda x, t: chain.predict_x0_eps(schedule, model_fn, x, t, mean_type=mean_type, var_type=var_type,
+                                                clip_denoised=clip_denoised, cond_fn=cond_fn, y=y,
+                                                denoised_fn=denoised_fn)
     report = chain.progress_reporter(num_steps) if progress else None
     starts_group = np.append(True, plan.ends_group[:-1])
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import gaussian
+from diffusion_jax import chain, gaussian
 from diffusion_jax.schedules import Schedule
 
 
@@ -96,13 +96,24 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def vb_terms_bpd(schedule: Schedule, model_output: jax.Array, x_start: jax.Array, x_t: jax.Array,
-                 t: jax.Array, *, mean_type: str, var_type: str,
-                 clip_denoised: bool = True) -> tuple[jax.Array, jax.Array]:
+                 t: jax.Array, *, mean_type: str, var_type: str, clip_denoised: bool = True,
+                 cond_fn: chain.CondFn | None = None, y=None) -> tuple[jax.Array, jax.Array]:
     """One term of the variational bound, in bits/dim.
 
     KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the decoder
     NLL -log p(x_0 | x_1) for t = 0 (Eq. 5 of Ho et al.; Sec. 2 of Nichol &
     Dhariwal).
+
+    With `cond_fn` the bound is that of the classifier-guided chain
+    (Dhariwal & Nichol 2021, Alg. 1): at every t, the decoder included, the
+    model's mean is shifted to mean + Sigma * cond_fn(x_t, timesteps, y) by
+    `chain.condition_mean`, the very function `sampling.p_sample` uses; the
+    variance and pred_xstart are the model's.
+
+    Args:
+      cond_fn: optional `(x_t, model timesteps [B], y) -> s * grad log p(y | x_t)`
+        (`guidance.classifier_cond_fn`); None: the unguided bound.
+      y: the labels `cond_fn` receives.
 
     Returns:
       (bpd [B], pred_xstart [B, H, W, C]).
@@ -110,6 +121,8 @@ def vb_terms_bpd(schedule: Schedule, model_output: jax.Array, x_start: jax.Array
     true = gaussian.q_posterior(schedule, x_start, x_t, t)
     out = gaussian.p_mean_variance(schedule, model_output, x_t, t, mean_type=mean_type,
                                    var_type=var_type, clip_denoised=clip_denoised)
+    if cond_fn is not None:
+        out = out._replace(mean=chain.condition_mean(schedule, cond_fn, out, x_t, t, y=y))
     kl = normal_kl(true.mean, true.log_variance, out.mean, out.log_variance)
     kl = mean_flat(kl) / np.log(2.0)
     decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out.mean,
@@ -127,14 +140,16 @@ def prior_bpd(schedule: Schedule, x_start: jax.Array) -> jax.Array:
 
 def bpd_terms(schedule: Schedule, model_output: jax.Array, x_start: jax.Array, x_t: jax.Array,
               t: jax.Array, noise: jax.Array, *, mean_type: str, var_type: str,
-              clip_denoised: bool = True) -> BpdTerms:
+              clip_denoised: bool = True, cond_fn: chain.CondFn | None = None, y=None) -> BpdTerms:
     """The terms `calc_bpd_loop` records for one timestep, given x_t = q_sample(x_0, t, noise).
 
     `mse` compares `noise` with the eps re-derived from the (clipped)
-    pred_xstart, not with the raw network output, as OpenAI does.
+    pred_xstart, not with the raw network output, as OpenAI does.  `cond_fn`
+    / `y`: classifier guidance of the vb term (see `vb_terms_bpd`); it
+    shifts the mean only, so `mse` and `xstart_mse` are the model's.
     """
     vb, pred_xstart = vb_terms_bpd(schedule, model_output, x_start, x_t, t, mean_type=mean_type,
-                                   var_type=var_type, clip_denoised=clip_denoised)
+                                   var_type=var_type, clip_denoised=clip_denoised, cond_fn=cond_fn, y=y)
     eps = gaussian.predict_eps_from_xstart(schedule, x_t, t, pred_xstart)
     return BpdTerms(vb=vb, xstart_mse=mean_flat((pred_xstart - x_start) ** 2),
                     mse=mean_flat((eps - noise) ** 2))

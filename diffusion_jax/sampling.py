@@ -1,8 +1,8 @@
 """Ancestral (DDPM) and DDIM sampling: single steps and compiled loops.
 
-DPM-Solver(++) lives in `diffusion_jax.dpm_solver`; its loop is re-exported
-here as `dpm_solver_sample_loop`, and `named_sampler` maps the programs'
-sampler names to loops.
+DPM-Solver(++) lives in `diffusion_jax.dpm_solver`, the stochastic solvers
+(DPM-Solver++(2M) SDE, EDM) in `diffusion_jax.sde_solver`; their loops are
+re-exported here, and `named_sampler` maps the programs' sampler names to loops.
 
 Semantics follow OpenAI's guided-diffusion `GaussianDiffusion` exactly
 (`p_sample`, `ddim_sample`, `ddim_reverse_sample`, `condition_mean`,
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax import gaussian
+from diffusion_jax import gaussian, sde_solver
 from diffusion_jax.chain import (  # noqa: F401  (public here since the first release)
     CondFn,
     ModelFn,
@@ -40,10 +40,16 @@ from diffusion_jax.chain import (  # noqa: F401  (public here since the first re
     step_noise,
 )
 from diffusion_jax.dpm_solver import dpm_solver_sample_loop
+from diffusion_jax.sde_solver import dpmpp_2m_sde_sample_loop, edm_sample_loop
 from diffusion_jax.gaussian import extract
 from diffusion_jax.schedules import Schedule
 
-SAMPLER_NAMES = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s")
+SAMPLER_NAMES = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s", "dpm++2m-sde", "edm")
+# The options a program may set per sampler (`named_sampler(name, **options)`), with their defaults.
+SAMPLER_OPTIONS = {
+    "dpm++2m-sde": {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"},
+    "edm": dict(sde_solver.EDM_DEFAULTS),
+}
 
 
 # ----------------------------------------------------------------------------- single steps
@@ -277,18 +283,24 @@ def ddim_reverse_sample_loop(model_fn: ModelFn, schedule: Schedule, x_0: jax.Arr
     return x
 
 
-def named_sampler(name: str) -> Callable:
+def named_sampler(name: str, **options) -> Callable:
     """The loop behind a sampler name (`sample.py --sampler=NAME`), options bound.
 
     "ancestral" -> `p_sample_loop`; "ddim" -> `ddim_sample_loop` (pass `eta`);
     "dpm++2m" / "dpm++3m" -> `dpm_solver_sample_loop` multistep order 2 / 3
     with "dpmsolver++" (DPM-Solver++(2M), Lu et al. 2022b); "dpm2s" ->
-    singlestep order 2 with "dpmsolver" (DPM-Solver-2, Lu et al. 2022a).
+    singlestep order 2 with "dpmsolver" (DPM-Solver-2, Lu et al. 2022a);
+    "dpm++2m-sde" -> `dpmpp_2m_sde_sample_loop` (DPM-Solver++(2M) SDE, Lu et
+    al. 2022b); "edm" -> `edm_sample_loop` (Karras et al. 2022, Alg. 2; 2K - 2
+    network calls).  `options` set a sampler's `SAMPLER_OPTIONS` (e.g.
+    `named_sampler("edm", s_churn=40.0)`); they are checked here, before any
+    tracing.
     Every returned loop is called as `loop(rng, model_fn, schedule, shape, *,
     mean_type, var_type, clip_denoised, cond_fn, y, sample_ids, x_T, ...)`.
 
     Raises:
-      ValueError: an unknown name.
+      ValueError: an unknown name, or an option the sampler does not take or
+        a bad value for one.
     """
     loops = {
         "ancestral": (p_sample_loop, {}),
@@ -296,8 +308,25 @@ def named_sampler(name: str) -> Callable:
         "dpm++2m": (dpm_solver_sample_loop, {"order": 2, "method": "multistep", "algorithm": "dpmsolver++"}),
         "dpm++3m": (dpm_solver_sample_loop, {"order": 3, "method": "multistep", "algorithm": "dpmsolver++"}),
         "dpm2s": (dpm_solver_sample_loop, {"order": 2, "method": "singlestep", "algorithm": "dpmsolver"}),
+        "dpm++2m-sde": (dpmpp_2m_sde_sample_loop, {}),
+        "edm": (edm_sample_loop, {}),
     }
     if name not in loops:
         raise ValueError(f"unknown sampler {name!r}; accepted: {', '.join(SAMPLER_NAMES)}")
-    loop, options = loops[name]
-    return functools.partial(loop, **options)
+    check_sampler_options(name, options)
+    loop, bound = loops[name]
+    return functools.partial(loop, **bound, **options)
+
+
+def check_sampler_options(name: str, options) -> None:
+    """Raise a one-line ValueError for an option `name` does not take, or a bad value (no tracing)."""
+    accepted = SAMPLER_OPTIONS.get(name, {})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; {takes}")
+    values = {**accepted, **options}
+    if name == "dpm++2m-sde":
+        sde_solver.check_sde_options(**values, order=2, mean_type="epsilon")
+    elif name == "edm":
+        sde_solver.check_edm_options(**values, mean_type="epsilon")

@@ -111,6 +111,25 @@ def solver_timesteps(betas: np.ndarray, count: int, spacing: str) -> set[int]:
     return set(kept)
 
 
+DISTILL_SPACING = "distill"  # `timestep_respacing` prefix of `distill_timesteps`
+
+
+def distill_timesteps(num_timesteps: int, count: int) -> set[int]:
+    """The N-step grid of progressive distillation: t_i = round(T i / N) - 1, i = 1..N (half up).
+
+    Salimans & Ho (2022, Alg. 2) sample on t = i / N; snapped to the integer
+    grid this way, "distillN" is exactly the odd-indexed half of "distill2N"
+    (both round the same fraction T (2i) / (2N) = T i / N), so a student on N
+    steps takes one step where its teacher on 2N takes two.  Always ends at T-1.
+
+    Raises:
+      ValueError: N outside 1..T.
+    """
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"respacing {DISTILL_SPACING}{count}: need 1 <= N <= {num_timesteps} steps")
+    return {(2 * num_timesteps * i + count) // (2 * count) - 1 for i in range(1, count + 1)}
+
+
 def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int],
                     betas: np.ndarray | None = None) -> set[int]:
     """Which original timesteps a respaced process keeps (OpenAI's semantics).
@@ -122,7 +141,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int],
         with Python's round-half-to-even), "ddimN" (the smallest integer stride s
         with len(range(0, T, s)) == N), "fast27" (GLIDE's upsampler preset:
         "10,10,3,2,2" with T-1 swapped for T-3), "logsnrN" / "quadN" (N steps
-        spaced for an ODE solver, `solver_timesteps`; need `betas`), or a list
+        spaced for an ODE solver, `solver_timesteps`; need `betas`), "distillN"
+        (progressive distillation's nested grid, `distill_timesteps`), or a list
         of per-section counts.
       betas: the original betas `[T]` (only the solver spacings read them).
 
@@ -139,6 +159,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int],
                 if betas is None:
                     raise ValueError(f"respacing {text!r} spaces steps by the noise schedule; pass betas")
                 return solver_timesteps(betas, int(text[len(spacing):]), spacing)
+        if text.startswith(DISTILL_SPACING) and text[len(DISTILL_SPACING):].isdigit():
+            return distill_timesteps(num_timesteps, int(text[len(DISTILL_SPACING):]))
         if text == "fast27":
             # glide-text2im: avoid DDIM artifacts of starting at T-1.
             steps = space_timesteps(num_timesteps, "10,10,3,2,2")

@@ -47,11 +47,9 @@ def clip_zero_shot(clip_workdir: str, prompts, timesteps=(0, 250, 500, 750)) -> 
     from diffusion_jax.runtime import text_conditioning as tc
 
     module, params, cfg = checkpoints.load_for_inference(clip_workdir)
-    guide = clip_guidance.ClipGuide(module, params, tc.tokenizer_from_config(cfg),
-                                    int(cfg["model"]["text_ctx"]))
+    guide = clip_guidance.pair_guide(module, params, tc.tokenizer_from_config(cfg), int(cfg["model"]["text_ctx"]))
     tokens = clip_guidance.prompt_tokens(guide, prompts)
-    apply = lambda *a, **k: module.apply({"params": params}, *a, **k)
-    text = apply(tokens["tokens"], tokens["lens"], method="encode_text")
+    text = guide.encode_text(params, tokens["tokens"], tokens["lens"])
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
     images, labels = base._digits("test")
     x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
@@ -60,7 +58,7 @@ def clip_zero_shot(clip_workdir: str, prompts, timesteps=(0, 250, 500, 750)) -> 
     for t in timesteps:
         tt = jnp.full((x0.shape[0],), t, jnp.int32)
         x_t = gaussian.q_sample(schedule, x0, tt, jax.random.normal(jax.random.key(0), x0.shape))
-        pred = np.asarray(jnp.argmax(apply(x_t, tt, method="encode_image") @ text.T, axis=-1))
+        pred = np.asarray(jnp.argmax(guide.encode_image(params, x_t, tt) @ text.T, axis=-1))
         out[t] = float((pred == labels).mean())
     return out
 

@@ -249,7 +249,8 @@ class LoopConventionsTest(parameterized.TestCase):
             want = sampling.dpm_solver_sample_loop(rng, smooth_model, s, (2, 4, 4, 3), order=order, method=method,
                                                    algorithm=algorithm, **kw)
             np.testing.assert_array_equal(got, want)
-        self.assertEqual(set(sampling.SAMPLER_NAMES), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s"})
+        self.assertEqual(set(sampling.SAMPLER_NAMES), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s",
+                                                       "dpm++2m-sde", "edm"})
         with pytest.raises(ValueError, match="unknown sampler 'dpm\\+\\+2s'.*ancestral, ddim"):
             sampling.named_sampler("dpm++2s")
 

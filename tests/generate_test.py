@@ -152,7 +152,8 @@ class SamplerTableTest(parameterized.TestCase):
     def test_defaults_and_names(self):
         # One table: every math-layer name has exactly one row here.
         self.assertEqual(tuple(samplers.SAMPLERS), sampling.SAMPLER_NAMES)
-        self.assertEqual(set(samplers.SAMPLERS), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s"})
+        self.assertEqual(set(samplers.SAMPLERS), {"ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm2s", "dpm++2m-sde",
+                                                  "edm"})
         self.assertTrue(samplers.SAMPLERS["ancestral"].clip_denoised and samplers.SAMPLERS["ddim"].clip_denoised)
         for name in ("dpm++2m", "dpm++3m", "dpm2s"):  # data prediction thresholds x0; noise prediction does not
             self.assertEqual(samplers.SAMPLERS[name].clip_denoised, name != "dpm2s")

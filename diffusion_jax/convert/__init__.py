@@ -20,9 +20,11 @@ CLI::
     python -m diffusion_jax.convert --checkpoint model.pt --flags "--image_size 32 ..." --repo improved --out DIR
     python -m diffusion_jax.convert --checkpoint base.pt --preset base --out DIR        # GLIDE (glide-text2im)
     python -m diffusion_jax.convert --checkpoint m.pt --flags "--xf_width 512 ..." --repo glide --out DIR
+    python -m diffusion_jax.convert --checkpoint image-enc.pt --text_checkpoint text-enc.pt --preset clip \
+        --clip_vocab bpe_simple_vocab_16e6.txt.gz --out DIR          # GLIDE's noised CLIP: a pair directory
 
 writes ``DIR/config.json`` and ``DIR/params.safetensors``; ``load_converted(DIR)``
-reads them back.
+reads them back (a CLIP pair directory: ``clip_towers.load_pair(DIR)``).
 """
 
 from diffusion_jax.convert.api import (  # noqa: F401  (the public API)

@@ -103,6 +103,12 @@ def clip_param_shapes(module) -> dict[tuple, jax.ShapeDtypeStruct]:
     return {tuple(p.key for p in path): leaf for path, leaf in flat}
 
 
+def param_shapes(module, kind: str, model: Mapping) -> dict[tuple, jax.ShapeDtypeStruct]:
+    """``Conversion.param_shapes`` of the towers: how ``api.load_converted`` reads a converted tower back."""
+    del kind, model
+    return clip_param_shapes(module)
+
+
 def clip_torch_key(path: tuple[str, ...]) -> str:
     """Flax path -> glide-text2im state-dict key (``("input", "w_pos")`` -> ``blocks.input.w_pos``)."""
     return ".".join(("blocks",) + tuple(path))

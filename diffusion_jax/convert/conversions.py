@@ -35,7 +35,7 @@ class Conversion:
 CONVERSIONS: dict[str, Conversion] = {
     "adm": Conversion("adm", adm.resolve_adm_flags, adm.param_shapes, adm.params_from_state_dict),
     "glide": Conversion("glide", glide.resolve_glide, glide.glide_param_shapes, glide.glide_params_from_state_dict),
-    "clip": Conversion("clip", clip.resolve_clip_flags, from_openai=clip.from_openai_clip),
+    "clip": Conversion("clip", clip.resolve_clip_flags, clip.param_shapes, from_openai=clip.from_openai_clip),
 }
 
 

@@ -7,6 +7,8 @@
              evaluator definitions) over any feature space
   inception  Flax FID Inception-v3 (pytorch-fid weights)
   run        what `evaluate.py` runs: resumable NLL loop, reports
+  ode_run    `evaluate.py --metric=ode_nll`: probability-flow ODE bits/dim
+             (math in `diffusion_jax.ode_likelihood`), sharded, resumable
 """
 
 from diffusion_jax.evaluation.nll import (

@@ -16,7 +16,9 @@ size, the chunk size nor the number of devices.
 
 The per-t quantities are exactly `calc_bpd_loop`'s: `vb` (bits/dim), `xstart_mse`
 and `mse` (eps re-derived from the clipped pred_xstart vs the true noise), all
-from `likelihood.bpd_terms`.
+from `likelihood.bpd_terms`.  A guided chain's bound takes a guided model
+function (classifier-free guidance) and/or a `cond_fn` that shifts the mean at
+every t (classifier guidance); see `evaluation.nll_guidance`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import gaussian, likelihood
+from diffusion_jax.chain import CondFn
 from diffusion_jax.runtime.parallel import batch_spec, data_sharded, global_batch, make_mesh  # make_mesh re-exported
 from diffusion_jax.schedules import Schedule
 
 # (params, x [N, H, W, C], model timesteps [N], y [N] | None) -> model output [N, H, W, C or 2C]
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+# (params, x_t [N, H, W, C], model timesteps [N], y [N]) -> s * grad_x log p(y | x_t), classifier guidance
+CondApplyFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 TERMS = ("vb", "mse", "xstart_mse")
 NUM_QUARTILES = 4
 
@@ -87,7 +92,7 @@ def example_noise(rng: jax.Array, index: jax.Array, t: jax.Array, shape: tuple[i
 
 def terms_at(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, y, index: jax.Array,
              t: jax.Array, rng: jax.Array, *, mean_type: str, var_type: str,
-             clip_denoised: bool = True) -> likelihood.BpdTerms:
+             clip_denoised: bool = True, cond_fn: CondFn | None = None) -> likelihood.BpdTerms:
     """`calc_bpd_loop`'s terms of each example at several timesteps in one forward pass.
 
     Args:
@@ -98,6 +103,8 @@ def terms_at(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, y, index
       index: `[B]` int32 global example indices (they key the noise).
       t: `[B, S]` int32 timesteps to evaluate for each example.
       rng: base key; eps of (i, t) is `example_noise(rng, index[i], t)`.
+      cond_fn: optional classifier guidance `(x_t, model timesteps, y) -> s * grad log p(y | x_t)`;
+        the bound is then that of `p_sample(..., cond_fn=cond_fn)`'s chain (`likelihood.vb_terms_bpd`).
 
     Returns:
       `BpdTerms` with fields `[B, S]`.
@@ -113,17 +120,18 @@ def terms_at(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, y, index
     x_t = gaussian.q_sample(schedule, x0, tt, noise)
     out = model_fn(x_t, schedule.model_timesteps(tt), yy)
     terms = likelihood.bpd_terms(schedule, out, x0, x_t, tt, noise, mean_type=mean_type, var_type=var_type,
-                                 clip_denoised=clip_denoised)
+                                 clip_denoised=clip_denoised, cond_fn=cond_fn, y=yy)
     return likelihood.BpdTerms(*(v.reshape(b, s) for v in terms))
 
 
 def chain_terms(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, y, index: jax.Array,
                 rng: jax.Array, *, t_chunk: int, mean_type: str, var_type: str,
-                clip_denoised: bool = True) -> ChainTerms:
+                clip_denoised: bool = True, cond_fn: CondFn | None = None) -> ChainTerms:
     """The full bound, every t, `t_chunk` timesteps per forward pass (`lax.map` over chunks).
 
     Equal to OpenAI's `calc_bpd_loop` (Nichol & Dhariwal 2021, Sec. 2) with
-    eps_t = `example_noise(rng, index, t)`.  Returns `ChainTerms` ([B, K] per t
+    eps_t = `example_noise(rng, index, t)`; with `cond_fn`, the bound of the
+    classifier-guided chain (see `terms_at`).  Returns `ChainTerms` ([B, K] per t
     in ascending t; OpenAI stacks descending t).
     """
     k = schedule.num_timesteps
@@ -135,7 +143,7 @@ def chain_terms(model_fn: ModelFn, schedule: Schedule, x_start: jax.Array, y, in
 
     def one_chunk(tc):
         return terms_at(model_fn, schedule, x_start, y, index, jnp.broadcast_to(tc, (b, t_chunk)), rng,
-                        mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+                        mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, cond_fn=cond_fn)
 
     stacked = jax.lax.map(one_chunk, ts)  # fields [n_chunks, B, t_chunk]
     per_t = [jnp.moveaxis(v, 0, 1).reshape(b, n_chunks * t_chunk)[:, :k] for v in stacked]
@@ -171,24 +179,37 @@ def _batch_parts(batch: dict):
 
 
 def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.Mesh, t_chunk: int,
-                  mean_type: str, var_type: str, clip_denoised: bool = True, class_cond: bool = False):
+                  mean_type: str, var_type: str, clip_denoised: bool = True, class_cond: bool = False,
+                  cond_apply_fn: CondApplyFn | None = None):
     """The jitted full-chain step of the NLL runner, its batch split over every axis of `mesh` (data and fsdp).
+
+    Args:
+      apply_fn: `(params, x, model timesteps, y) -> output`; a classifier-free
+        guided one for the bound of a CFG chain.
+      class_cond: pass the labels to `apply_fn`.
+      cond_apply_fn: optional classifier guidance `(params, x_t, model
+        timesteps, y) -> s * grad log p(y | x_t)`, the labels being the
+        batch's true ones; `params` is the same (replicated) pytree
+        `apply_fn` gets, e.g. (model params, classifier params).
 
     Returns:
       `step(params, batch, rng) -> (NllBatch, index [B], valid [B])`, all
       replicated (every host can read them).  `batch` is
       {"image" [B,H,W,C], "index" [B], "valid" [B], "label" [B] if
-      `class_cond`} with B a multiple of the mesh size; params and rng are
-      replicated.
+      `class_cond` or `cond_apply_fn`} with B a multiple of the mesh size;
+      params and rng are replicated.
     """
     gaussian.check_mean_type(mean_type)
     gaussian.check_var_type(var_type)
 
+    with_labels = class_cond or cond_apply_fn is not None
+
     def local(params, batch, rng):
         x, y, index = _batch_parts(batch)
         model_fn = lambda xt, ts, yy: apply_fn(params, xt, ts, yy if class_cond else None)
-        terms = chain_terms(model_fn, schedule, x, y if class_cond else None, index, rng, t_chunk=t_chunk,
-                            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+        cond_fn = None if cond_apply_fn is None else (lambda xt, ts, yy: cond_apply_fn(params, xt, ts, yy))
+        terms = chain_terms(model_fn, schedule, x, y if with_labels else None, index, rng, t_chunk=t_chunk,
+                            mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, cond_fn=cond_fn)
         out = reduce_chain(terms, batch["valid"])
         # Per-t sums are the only cross-device reduction.
         out = out._replace(vb_t=jax.lax.psum(out.vb_t, axes), mse_t=jax.lax.psum(out.mse_t, axes),
@@ -200,7 +221,7 @@ def make_chain_fn(apply_fn: ApplyFn, schedule: Schedule, *, mesh: jax.sharding.M
     out_specs = (NllBatch(*([rows] * 5 + [P()] * 3)), rows, rows)
 
     def step(params, batch, rng):
-        batch = {k: batch[k] for k in ("image", "index", "valid") + (("label",) if class_cond else ())}
+        batch = {k: batch[k] for k in ("image", "index", "valid") + (("label",) if with_labels else ())}
         in_specs = (P(), {k: rows for k in batch}, P())
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(params, batch, rng)
 

@@ -18,15 +18,15 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from diffusion_jax.evaluation import nll
+from diffusion_jax.evaluation import nll, nll_guidance
+from diffusion_jax.runtime import resume
 
 # Settings that do not change the results (beyond float reduction order) and
 # may differ between a run and its resumption.
 RESUME_FREE = ("batch_size", "t_chunk", "out", "num_processes", "process_id", "coordinator_address")
 
 
-class ResumeError(ValueError):
-    """A partial result exists but was produced with other settings."""
+ResumeError = resume.ResumeError  # where the NLL loop's callers have always found it
 
 
 class Partial(NamedTuple):
@@ -66,9 +66,7 @@ def append(partial: Partial, out: nll.NllBatch, index, valid) -> Partial:
 
 def settings_differences(stored: dict, current: dict) -> list[str]:
     """Human-readable differences of two settings dicts, ignoring `RESUME_FREE` keys."""
-    keys = sorted((set(stored) | set(current)) - set(RESUME_FREE))
-    return [f"{k}: stored {stored.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
-            for k in keys if stored.get(k) != current.get(k)]
+    return resume.settings_differences(stored, current, RESUME_FREE)
 
 
 def partial_path(out: str) -> str:
@@ -271,6 +269,7 @@ def evaluate_nll(o: dict) -> dict:
     check_options(o)
     module, params, cfg = load_model(o["workdir"], o.get("ema_rate"))
     d, m = cfg["diffusion"], cfg["model"]
+    guide = nll_guidance.load_guidance(o, cfg)  # --cfg_scale / --classifier_workdir: the bound of a guided chain
     o = dict(o, data=o.get("data") or cfg["data"]["name"])
     if not o["data"]:
         raise ValueError("no dataset: pass --data (the workdir's config names none)")
@@ -278,6 +277,7 @@ def evaluate_nll(o: dict) -> dict:
                                        d["rescale_timesteps"])
     source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
     _check_image_size(source, m["image_size"], m["in_channels"], o["allow_resize"])
+    nll_guidance.check_labels(guide, source, o["data"], o["split"])
     stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
     if o.get("num_samples"):
         stop = min(stop, o["start"] + o["num_samples"])
@@ -286,17 +286,19 @@ def evaluate_nll(o: dict) -> dict:
     if o["batch_size"] % jax.device_count():
         raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {jax.device_count()} devices")
     class_cond = m.get("num_classes") is not None
-    step = nll.make_chain_fn(nll.module_apply(module), schedule, mesh=mesh, t_chunk=o["t_chunk"],
+    apply_fn, cond_apply_fn = nll_guidance.apply_fns(module, guide, conditional=class_cond,
+                                                     null_index=m["num_classes"] if m.get("null_label") else None)
+    step = nll.make_chain_fn(apply_fn, schedule, mesh=mesh, t_chunk=o["t_chunk"],
                              mean_type=d["mean_type"], var_type=d["var_type"], clip_denoised=o["clip_denoised"],
-                             class_cond=class_cond)
-    settings = nll_settings(cfg, o, schedule)
+                             class_cond=class_cond, cond_apply_fn=cond_apply_fn)
+    settings = dict(nll_settings(cfg, o, schedule), **nll_guidance.settings(guide))
 
     def batches(resume_start):
         return pipeline.make_eval_iterator(source, batch_size=o["batch_size"], image_size=m["image_size"],
                                            channels=m["in_channels"], start=resume_start, stop=stop,
-                                           with_labels=class_cond)
+                                           with_labels=class_cond or guide.classifier is not None)
 
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.tree.map(jnp.asarray, (params, guide.classifier_params))  # both replicated
     partial = run_nll(step, params, batches, mesh=mesh, rng=jax.random.key(o["seed"]),
                       num_timesteps=schedule.num_timesteps, settings=settings, start=o["start"], stop=stop,
                       batch_size=o["batch_size"], partial_file=partial_path(o["out"]))

@@ -15,13 +15,15 @@ function and a count, and
 Sample i is then a function of (rng, i) alone whatever the device, host or
 batch counts, because the loops draw sample i's noise from `fold_in(rng, i)`
 (`sampling.sample_keys`).  Every host returns the same arrays; only the
-caller's process 0 should write them.
+caller's process 0 should write them.  `stream` yields the batches still on
+the devices instead (streaming metrics, sharded sample files) and can start at
+any sample id, so a resumed run recomputes exactly the missing samples.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -98,6 +100,51 @@ def _compile(sample_fn: Callable, impl, batch_sharding) -> Callable:
     return jax.jit(run, out_shardings=batch_sharding)
 
 
+class Batch(NamedTuple):
+    """One batch of `stream`: device images and which global samples they are."""
+
+    first: int  # global id of row 0
+    count: int  # rows [0, count) are samples first..first + count - 1; the rest pad the last batch
+    images: jax.Array  # uint8 [B, H, W, C], sharded over the mesh's devices (`parallel.data_sharded`)
+
+
+def stream(sample_fn: Callable, num_samples: int, *, batch_size: int, rng: jax.Array, args: Any = None,
+           conditioning: Conditioning = None, mesh: jax.sharding.Mesh | None = None, start: int = 0,
+           log: Callable[[str], None] | None = print) -> Iterator[Batch]:
+    """Samples `start .. num_samples - 1` in global batches left on the devices (see `generate`).
+
+    Batch b holds the global sample ids `start + [b * B, (b + 1) * B)`; a
+    resumed run (`start` > 0) computes the same images for the same ids.
+    Every host iterates over every batch (each runs its own rows).
+
+    Raises:
+      ValueError: num_samples or batch_size < 1, or start outside [0, num_samples].
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
+    if not 0 <= start <= num_samples:
+        raise ValueError(f"start={start} must be in [0, num_samples={num_samples}]")
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    batch = parallel.data_sharded(mesh)
+    global_batch = round_up_batch(batch_size, mesh)
+    if global_batch != batch_size and log is not None:
+        log(f"batch_size {batch_size} rounded up to {global_batch} ({mesh.devices.size} devices)")
+    cond_of = conditioning_of(conditioning, num_samples)
+    fn = _compile(sample_fn, jax.random.key_impl(rng), batch)
+    args = _place_args(mesh, args)
+    key_data = parallel.put_global(mesh, np.asarray(jax.random.key_data(rng)))
+    put = lambda a: jax.make_array_from_process_local_data(batch, np.asarray(a), (global_batch,) + np.shape(a)[1:])
+    lo, hi = local_rows(batch, global_batch)
+
+    def batches():  # a generator: the checks above run at the call, not at the first next()
+        for first in range(start, num_samples, global_batch):
+            ids = np.arange(first + lo, first + hi, dtype=np.int32)
+            images = fn(args, key_data, put(ids), jax.tree.map(put, cond_of(ids)))
+            yield Batch(first, min(global_batch, num_samples - first), images)
+
+    return batches()
+
+
 def generate(sample_fn: Callable, num_samples: int, *, batch_size: int, rng: jax.Array, args: Any = None,
              conditioning: Conditioning = None, mesh: jax.sharding.Mesh | None = None,
              log: Callable[[str], None] | None = print, desc: str = "") -> Samples:
@@ -124,25 +171,12 @@ def generate(sample_fn: Callable, num_samples: int, *, batch_size: int, rng: jax
     Returns:
       `Samples(images uint8 [N, H, W, C], conditioning of samples 0..N-1)`.
     """
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1 (got {num_samples}, {batch_size})")
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    batch = parallel.data_sharded(mesh)
-    global_batch = round_up_batch(batch_size, mesh)
-    if global_batch != batch_size and log is not None:
-        log(f"batch_size {batch_size} rounded up to {global_batch} ({mesh.devices.size} devices)")
-    cond_of = conditioning_of(conditioning, num_samples)
-    fn = _compile(sample_fn, jax.random.key_impl(rng), batch)
-    args = _place_args(mesh, args)
-    key_data = parallel.put_global(mesh, np.asarray(jax.random.key_data(rng)))
-    put = lambda a: jax.make_array_from_process_local_data(batch, np.asarray(a), (global_batch,) + np.shape(a)[1:])
-    start, stop = local_rows(batch, global_batch)
-    num_batches = -(-num_samples // global_batch)
     chunks = []
-    for b in range(num_batches):
-        ids = np.arange(b * global_batch + start, b * global_batch + stop, dtype=np.int32)
-        chunks.append(gather(fn(args, key_data, put(ids), jax.tree.map(put, cond_of(ids)))))
+    for b in stream(sample_fn, num_samples, batch_size=batch_size, rng=rng, args=args, conditioning=conditioning,
+                    mesh=mesh, log=log):
+        chunks.append(gather(b.images)[:b.count])
         if log is not None:
-            log(f"{desc}batch {b + 1}/{num_batches}: {min((b + 1) * global_batch, num_samples)} samples")
+            log(f"{desc}batch {len(chunks)}/{-(-num_samples // len(b.images))}: {b.first + b.count} samples")
+    cond_of = conditioning_of(conditioning, num_samples)
     all_ids = np.arange(num_samples, dtype=np.int32)
-    return Samples(np.concatenate(chunks)[:num_samples], cond_of(all_ids) if conditioning is not None else None)
+    return Samples(np.concatenate(chunks), cond_of(all_ids) if conditioning is not None else None)

@@ -10,6 +10,13 @@ Adding a sampler is one entry in `sampling.named_sampler` and one row here.
 - "dpm++2m" / "dpm++3m": `sampling.dpm_solver_sample_loop`, multistep DPM-Solver++ of order 2 / 3
   (Lu et al. 2022b, Alg. 2).
 - "dpm2s": singlestep DPM-Solver-2 (noise prediction; Lu et al. 2022a, Alg. 1).
+- "dpm++2m-sde": `sampling.dpmpp_2m_sde_sample_loop`, DPM-Solver++(2M) SDE (Lu et al. 2022b;
+  options eta, s_noise, solver_type).
+- "edm": `sampling.edm_sample_loop`, EDM's churned Heun sampler (Karras et al. 2022, Alg. 2; options
+  s_churn, s_tmin, s_tmax, s_noise); 2K - 2 network calls for K respaced steps.
+
+Options beyond `clip_denoised` / `eta` (`sampling.SAMPLER_OPTIONS`) come as
+`--sampler_options=name=value,...` and are checked by `choose`.
 
 OpenAI's ancestral and DDIM loops clip the x0 prediction to [-1, 1] by default,
 and so do the data-prediction solvers "dpm++2m" / "dpm++3m": thresholding the x0
@@ -17,7 +24,9 @@ prediction is what data prediction is for (Lu et al. 2022b, Sec. 4), and
 without it DPM-Solver++(2M) on the digits model is far worse than DDIM at
 10-25 steps (FDD 205 vs 44 at 10 steps; clipped: 32, better than DDIM; see
 scripts/digits_steps_table.py).  "dpm2s" (noise prediction, analysed without
-thresholding) does not clip.  `--clip_denoised` / `--noclip_denoised`
+thresholding) does not clip.  The stochastic solvers clip by default too
+("dpm++2m-sde" is data prediction; "edm" on these eps-prediction models at few
+steps).  `--clip_denoised` / `--noclip_denoised`
 override any default.
 """
 
@@ -47,6 +56,8 @@ _CLI_DEFAULTS = {  # name -> (clip_denoised default, takes eta)
     "dpm++2m": (True, False),
     "dpm++3m": (True, False),
     "dpm2s": (False, False),
+    "dpm++2m-sde": (True, False),
+    "edm": (True, False),
 }
 SAMPLERS: Mapping[str, Sampler] = types.MappingProxyType({
     name: Sampler(sampling.named_sampler(name), clip_denoised=_CLI_DEFAULTS[name][0],
@@ -62,10 +73,12 @@ class Choice:
     name: str
     clip_denoised: bool
     eta: float = 0.0
+    options: tuple = ()  # sorted (name, value) pairs of `sampling.SAMPLER_OPTIONS[name]`
 
 
 def choose(sampler: str | None = None, *, use_ddim: bool = False, eta: float = 0.0,
-           clip_denoised: bool | None = None, flag: str = "--sampler") -> Choice:
+           clip_denoised: bool | None = None, sampler_options: str | Mapping | None = None,
+           flag: str = "--sampler") -> Choice:
     """Resolve the sampling options of a program into a `Choice`.
 
     Args:
@@ -73,11 +86,14 @@ def choose(sampler: str | None = None, *, use_ddim: bool = False, eta: float = 0
       use_ddim: the older switch, an alias of `sampler="ddim"`.
       eta: DDIM's eta (only with "ddim").
       clip_denoised: clip x0 predictions to [-1, 1]; None takes the sampler's default.
+      sampler_options: the sampler's own options, a mapping or "name=value,..."
+        (`--sampler_options`); see `sampling.SAMPLER_OPTIONS`.
       flag: the option's name in error messages.
 
     Raises:
       ValueError: an unknown name, `use_ddim` with another sampler, or `eta`
-        given to a sampler without one (or negative).
+        given to a sampler without one (or negative), or an option the
+        sampler does not take (or a bad value).
     """
     if sampler is None:
         sampler = "ddim" if use_ddim else "ancestral"
@@ -90,7 +106,34 @@ def choose(sampler: str | None = None, *, use_ddim: bool = False, eta: float = 0
         raise ValueError(f"--eta={eta} only applies to DDIM: use {flag}=ddim (or --use_ddim)")
     if eta < 0:
         raise ValueError(f"--eta must be >= 0, got {eta}")
-    return Choice(sampler, row.clip_denoised if clip_denoised is None else bool(clip_denoised), float(eta))
+    options = parse_options(sampler, sampler_options or {})
+    try:
+        sampling.check_sampler_options(sampler, options)
+    except ValueError as e:
+        raise ValueError(f"--sampler_options: {e}") from None
+    return Choice(sampler, row.clip_denoised if clip_denoised is None else bool(clip_denoised), float(eta),
+                  tuple(sorted(options.items())))
+
+
+def parse_options(sampler: str, text: str | Mapping) -> dict:
+    """{name: value} from "name=value,..." (values typed like the option's default); a mapping passes through.
+
+    Raises:
+      ValueError: an item without "=", or a value that does not parse.
+    """
+    if not isinstance(text, str):
+        return dict(text)
+    defaults, options = sampling.SAMPLER_OPTIONS.get(sampler, {}), {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sampler_options: {item!r} is not name=value (e.g. s_churn=40,s_noise=1.0)")
+        name = name.strip()
+        try:
+            options[name] = float(value) if isinstance(defaults.get(name, 0.0), float) else value.strip()
+        except ValueError:
+            raise ValueError(f"--sampler_options: {name}={value!r} is not a number") from None
+    return options
 
 
 def make_loop(choice: Choice) -> Callable:
@@ -104,7 +147,7 @@ def make_loop(choice: Choice) -> Callable:
     kwargs = dict(row.options, clip_denoised=choice.clip_denoised)
     if row.takes_eta:
         kwargs["eta"] = choice.eta
-    return functools.partial(row.loop, **kwargs)
+    return functools.partial(row.loop, **kwargs, **dict(choice.options))
 
 
 def plan_schedule(diff: Mapping, respacing: str | None = None,

@@ -4,14 +4,15 @@
 model's (and an optional noisy classifier's) filled config; `generate` samples
 through `generation.engine` with classifier-free guidance (`--cfg_scale`, Ho &
 Salimans 2022, eq. 6) and/or classifier guidance (`--classifier_workdir`,
-Dhariwal & Nichol 2021, algorithm 1). `generation.superres` reuses both for
-the base stage of a cascade.
+Dhariwal & Nichol 2021, algorithm 1) and/or CLIP guidance (`--clip_workdir`,
+`generation.clip_guidance`: `plan.clip`, the prompts captions for CLIP only).
+`generation.superres` reuses both for the base stage of a cascade.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 
 from diffusion_jax import guidance, schedules
 from diffusion_jax.convert import kinds
-from diffusion_jax.generation import engine, samplers
+from diffusion_jax.generation import clip_guidance, engine, samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Plan:
     model_conditional: bool
     null_index: int | None  # the model's null-label row, if it has one
     sampler: samplers.Choice = samplers.Choice("ancestral", True)
+    clip: clip_guidance.ClipGuide | None = None  # CLIP guidance towards prompts[i % P] (program.run sets it)
+    prompts: tuple[str, ...] = ()  # the CLIP's captions, cycled over the samples
 
 
 # ----------------------------------------------------------------------------- validation
@@ -94,7 +97,11 @@ def make_plan(model_cfg_all: dict, opts, classifier_cfg: dict | None = None) -> 
         raise ValueError(f"sample.py samples 'unet' models; this checkpoint is a {kind!r} model")
     if opts.num_samples < 1 or opts.batch_size < 1:
         raise ValueError(f"--num_samples and --batch_size must be >= 1 (got {opts.num_samples}, {opts.batch_size})")
-    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
+    name = opts.sampler
+    if name is None and not opts.use_ddim and (model_cfg_all.get("distill") or {}).get("teacher_workdir"):
+        name = "ddim"  # a distilled student (training/distill.py) learned deterministic DDIM steps on its grid
+    sampler = samplers.choose(name, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised,
+                              sampler_options=getattr(opts, "sampler_options", None))
     num_classes = model_cfg["num_classes"]
     conditional = num_classes is not None
     has_null = conditional and bool(model_cfg["null_label"])
@@ -132,33 +139,66 @@ def labels_for(plan: Plan, seed: int, sample_ids: np.ndarray) -> np.ndarray | No
 
 
 # ----------------------------------------------------------------------------- sampling
+def guided_fns(module, classifier, args, *, conditional: bool, cfg_scale: float | None, null_index: int | None,
+               classifier_scale: float):
+    """(model_fn, cond_fn) of the chain `sample.py` samples, also the chain whose bound
+    `evaluate.py --metric=nll` computes with the same guidance flags.
+
+    Args:
+      module, classifier: the U-Net and the noisy classifier (None: no classifier guidance).
+      args: (params, classifier params).
+      conditional: the U-Net takes labels.
+      cfg_scale: classifier-free guidance scale (None: none); `null_index` is the null-label row.
+      classifier_scale: the classifier guidance scale.
+
+    Returns:
+      `model_fn(x, timesteps, y)` (CFG applied) and `cond_fn(x, timesteps, y)` (None without a classifier).
+    """
+    params, cls_params = args
+
+    def model_fn(x, t, y):
+        return module.apply({"params": params}, x, t, y if conditional else None)
+
+    if cfg_scale is not None:
+        model_fn = guidance.classifier_free(model_fn, cfg_scale, null_label=null_index)
+    cond_fn = None
+    if classifier is not None:
+        cond_fn = guidance.classifier_cond_fn(
+            lambda x, t: classifier.apply({"params": cls_params}, x, t), classifier_scale)
+    return model_fn, cond_fn
+
+
 def make_sample_fn(module, plan: Plan, opts, classifier=None) -> Callable:
     """The engine's per-batch function for a U-Net (and optional noisy classifier).
 
     Returns:
-      `fn((params, classifier_params), rng, sample_ids [B], labels [B] | None) -> x [B, H, W, C]`
-      in [-1, 1]: the chosen sampler with classifier-free guidance (`--cfg_scale`)
-      and/or classifier guidance (`--classifier_workdir`).
+      `fn((params, classifier_params[, (clip_params, prompt_tokens)]), rng, sample_ids [B], labels [B] | None)
+      -> x [B, H, W, C]` in [-1, 1]: the chosen sampler with classifier-free guidance
+      (`--cfg_scale`) and/or the mean shifted by classifier and/or CLIP guidance gradients.
     """
     loop = samplers.make_loop(plan.sampler)
 
     def fn(args, rng, sample_ids, labels):
-        params, cls_params = args
-
-        def model_fn(x, t, y):
-            return module.apply({"params": params}, x, t, y if plan.model_conditional else None)
-
-        if opts.cfg_scale is not None:
-            model_fn = guidance.classifier_free(model_fn, opts.cfg_scale, null_label=plan.null_index)
-        cond_fn = None
-        if classifier is not None:
-            cond_fn = guidance.classifier_cond_fn(
-                lambda x, t: classifier.apply({"params": cls_params}, x, t), opts.classifier_scale)
+        model_fn, cond_fn = guided_fns(module, classifier, args[:2], conditional=plan.model_conditional,
+                                       cfg_scale=opts.cfg_scale, null_index=plan.null_index,
+                                       classifier_scale=opts.classifier_scale)
+        if plan.clip is not None:
+            cond_fn = clip_guidance.add_cond_fn(cond_fn, clip_guidance.cycled_cond_fn(plan.clip, args[2], sample_ids))
         shape = (sample_ids.shape[0],) + plan.image_shape
         return loop(rng, model_fn, plan.schedule, shape, mean_type=plan.mean_type, var_type=plan.var_type,
                     cond_fn=cond_fn, y=labels, sample_ids=sample_ids, progress=opts.progress)
 
     return fn
+
+
+def _engine_inputs(module, params, plan: Plan, opts, classifier, classifier_params) -> dict:
+    """The `engine.generate` / `engine.stream` arguments of a U-Net: sample i keyed by
+    `fold_in(fold_in(key(seed), 0), i)`, labelled `labels_for(plan, seed, i)`."""
+    labels = None if plan.label_mode == "none" else (lambda ids: labels_for(plan, opts.seed, ids))
+    return dict(sample_fn=make_sample_fn(module, plan, opts, classifier), num_samples=opts.num_samples,
+                batch_size=opts.batch_size, rng=jax.random.fold_in(jax.random.key(opts.seed), 0),
+                args=(params, classifier_params) + clip_guidance.engine_args(plan.clip, plan.prompts),
+                conditioning=labels)
 
 
 def generate(module, params, plan: Plan, opts, classifier=None, classifier_params=None,
@@ -171,8 +211,13 @@ def generate(module, params, plan: Plan, opts, classifier=None, classifier_param
     Returns:
       (uint8 `[N, H, W, C]`, int32 labels `[N]` or None), the same on every host.
     """
-    labels = None if plan.label_mode == "none" else (lambda ids: labels_for(plan, opts.seed, ids))
-    out = engine.generate(make_sample_fn(module, plan, opts, classifier), opts.num_samples,
-                          batch_size=opts.batch_size, rng=jax.random.fold_in(jax.random.key(opts.seed), 0),
-                          args=(params, classifier_params), conditioning=labels, log=log)
+    out = engine.generate(**_engine_inputs(module, params, plan, opts, classifier, classifier_params), log=log)
     return out.images, out.conditioning
+
+
+def stream(module, params, plan: Plan, opts, classifier=None, classifier_params=None, *, start: int = 0,
+           mesh=None, log: Callable[[str], None] | None = print) -> Iterator[engine.Batch]:
+    """`generate`'s samples `start .. opts.num_samples - 1` as `engine.Batch`es left on the devices
+    (the same images for the same ids); labels of a batch: `labels_for(plan, opts.seed, ids)`."""
+    return engine.stream(**_engine_inputs(module, params, plan, opts, classifier, classifier_params),
+                         start=start, mesh=mesh, log=log)

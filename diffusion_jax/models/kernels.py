@@ -125,7 +125,22 @@ def _group_norm_bwd(num_groups, epsilon, res, g):
     # first and re-read the activations for it.
     ones = jnp.ones((b,), sum_g.dtype)
     dscale, dbias = (jnp.dot(ones, s, precision=jax.lax.Precision.HIGHEST) for s in (sum_g_xhat, sum_g))
-    return dx.reshape(x.shape), dscale, dbias
+    return dx.reshape(x.shape), _sum_over_extra_axes(dscale, scale), _sum_over_extra_axes(dbias, scale)
+
+
+def _sum_over_extra_axes(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Inside `shard_map`, the cotangent of a parameter replicated over mesh axes that the activations vary
+    over is the sum over those axes (what autodiff's transpose of the implicit broadcast gives); outside it, a
+    no-op."""
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The mesh axes `x` varies over inside `shard_map` (JAX 0.10: `manual_axis_type.varying`; before: `vma`)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
 group_norm_cpu.defvjp(_group_norm_fwd, _group_norm_bwd)

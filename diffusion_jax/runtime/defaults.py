@@ -119,6 +119,17 @@ def get_config():
         use_ddim=False,
         cfg_scale=0.0,  # Classifier-free guidance scale for grids (0: plain conditional).
     ))
+
+    # ---- progressive distillation (Salimans & Ho 2022; training/distill.py, configs/digits_distill.py).
+    # A student stage: diffusion.timestep_respacing="distillN", mean_type="v", fixed variance; it learns one DDIM
+    # step per two of the teacher's on "distill{teacher_steps}" and starts from the teacher's weights.
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher_workdir=ml_collections.config_dict.placeholder(str),  # None: not a distillation run.
+        teacher_steps=0,  # The teacher's grid, 2N for a student on N steps.
+        teacher_mean_type="epsilon",  # The teacher's parameterisation (checked against its config.json).
+        teacher_ema_rate=ml_collections.config_dict.placeholder(float),  # None: its first EMA; 0: raw params.
+        clip_denoised=True,  # Clip the teacher's x0 to [-1, 1] in its DDIM steps (its sampler's default).
+    ))
     return c
 
 

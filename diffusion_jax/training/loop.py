@@ -22,10 +22,11 @@ from diffusion_jax.runtime import checkpoints
 from diffusion_jax.runtime import parallel
 from diffusion_jax.runtime import workdir as wd
 from diffusion_jax.training import clip as clip_train
+from diffusion_jax.training import distill
 from diffusion_jax.training import metrics as metrics_io
 from diffusion_jax.training import steps as train_steps
 from diffusion_jax.training.validate import (  # noqa: F401  (validate_config: part of this module's API)
-    is_adm_denoiser, is_adm_super_res, is_text, super_res_small_size, validate_config)
+    is_adm_denoiser, is_adm_super_res, is_distill_student, is_text, super_res_small_size, validate_config)
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.data import conditioning, pipeline
 
@@ -154,6 +155,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stored model); then process 0 locks the workdir for the run.
     """
     validate_config(config)
+    teacher = distill.load_teacher(config) if is_distill_student(config) else None  # checked, read-only
     mesh = parallel.make_mesh(fsdp=_parallel(config)["fsdp"])
     parallel.check_batch_divisible(config.train.batch_size, mesh, "config.train.batch_size")
     cfg_dict = checkpoints.config_to_dict(config)
@@ -163,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     lock = wd.lock_workdir(workdir, is_main=parallel.is_main_process(), broadcast=_broadcast_from_0())
     try:
-        return _train(config, workdir, mesh, cfg_dict, data_it, lock)
+        return _train(config, workdir, mesh, cfg_dict, data_it, lock, teacher)
     finally:
         if lock is not None:
             lock.release()
@@ -190,7 +192,7 @@ def _resume_bookkeeping(workdir: str, cfg_dict: dict, restored_step, lock) -> No
         lock.write_owner()
 
 
-def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
+def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock, teacher=None) -> dict:
     schedule = make_schedule(config)
     spec = make_spec(config, schedule)
     model = make_model(config)
@@ -200,7 +202,11 @@ def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
             or clip_train.CaptionBatcher.from_config(config))
 
     min_size = _parallel(config)["fsdp_min_size"]
-    state = train_steps.create_state(mesh, lambda key: train_steps.init_state(init_params(model, config, key), tx, spec),
+    make_params = lambda key: init_params(model, config, key)
+    if teacher is not None:  # a distillation student starts from its teacher (training/distill.py)
+        first = distill.student_params(teacher.params, jax.eval_shape(make_params, jax.random.key(0)))
+        make_params = lambda key: jax.tree.map(jnp.asarray, first)
+    state = train_steps.create_state(mesh, lambda key: train_steps.init_state(make_params(key), tx, spec),
                                      jax.random.key(config.seed), min_size=min_size)
     manager = checkpoints.make_manager(workdir, keep=config.train.keep_checkpoints)
     restored, restored_step = checkpoints.restore_latest(manager, state, data_it, ema_rates=spec.ema_rates,
@@ -211,9 +217,14 @@ def _train(config, workdir: str, mesh, cfg_dict: dict, data_it, lock) -> dict:
     elif os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)) and parallel.is_main_process():
         wd.warn(f"{workdir} has a config.json but no checkpoint: training starts at step 0")
     _resume_bookkeeping(workdir, cfg_dict, restored_step, lock)
-    step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx,
-                                       state_sharding=train_steps.state_shardings(mesh, state, min_size=min_size),
-                                       step_fn=clip_train.clip_step if kinds.get(config.kind).role == "clip" else None)
+    state_sharding = train_steps.state_shardings(mesh, state, min_size=min_size)
+    if teacher is not None:
+        step_fn = distill.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx, teacher=teacher,
+                                       clip_denoised=bool(config.distill.clip_denoised), state_sharding=state_sharding)
+    else:
+        step_fn = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx,
+                                           state_sharding=state_sharding,
+                                           step_fn=clip_train.clip_step if kinds.get(config.kind).role == "clip" else None)
     hooks = _Hooks(config, workdir, mesh, model, schedule)
     writer = metrics_io.MetricWriter(workdir, purge_step=(restored_step or 0) + 1)
     rng = parallel.replicated_key(mesh, config.seed + 1)

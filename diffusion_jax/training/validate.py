@@ -7,7 +7,7 @@ Messages name the field to change; ``validate_config(config)`` is what
 
 from __future__ import annotations
 
-from diffusion_jax import gaussian, objectives
+from diffusion_jax import distillation, gaussian, objectives
 from diffusion_jax.convert import glide, kinds
 from diffusion_jax.runtime import text_conditioning as tc
 from diffusion_jax.runtime.cli import UsageError
@@ -48,6 +48,8 @@ def validate_config(config) -> None:
     elif is_text(config):
         _validate_diffusion_config(config.diffusion)
         _validate_text_config(config)
+    if is_distill_student(config):
+        _validate_distill_config(config)
     if config.train.microbatches < 1 or config.train.batch_size % config.train.microbatches:
         raise ValueError(f"config.train.batch_size={config.train.batch_size} must be a multiple of "
                          f"config.train.microbatches={config.train.microbatches}")
@@ -67,6 +69,42 @@ def is_adm_denoiser(config) -> bool:
 def is_adm_super_res(config) -> bool:
     """ADM's super-resolution U-Net: low_res from `config.super_res.small_size`, no captions."""
     return kinds.takes(config.kind, "low_res") and not is_text(config)
+
+
+def is_distill_student(config) -> bool:
+    """A progressive-distillation stage (`config.distill.teacher_workdir` set; training/distill.py)."""
+    return "distill" in config and bool(config.distill.teacher_workdir)
+
+
+def _validate_distill_config(config) -> None:
+    """A student: an ADM U-Net, v-parameterised, fixed variance, on "distillN" with a 2N-step teacher."""
+    d, dist = config.diffusion, config.distill
+    if not kinds.denoiser_taking(config.kind, "labels"):
+        raise UsageError(f"config.distill.teacher_workdir is set but config.kind={config.kind!r}: progressive "
+                         "distillation trains 'unet' students")
+    if d.mean_type != "v":
+        raise UsageError(f"config.diffusion.mean_type={d.mean_type!r}: a distillation student is v-parameterised "
+                         "(Salimans & Ho 2022, Sec. 4); set mean_type='v'")
+    if d.var_type in gaussian.LEARNED_VAR_TYPES:
+        raise UsageError(f"config.diffusion.var_type={d.var_type!r}: the student learns DDIM steps, which never "
+                         "read a variance; set var_type='fixed_small' and model.out_channels=data.channels")
+    n = distillation.grid_steps(d.timestep_respacing)
+    if n is None:
+        raise UsageError(f"config.diffusion.timestep_respacing={d.timestep_respacing!r}: a student trains and "
+                         "samples on its grid; set it to 'distillN' (N = its sampling steps)")
+    if int(dist.teacher_steps) != 2 * n:
+        raise UsageError(f"config.distill.teacher_steps={dist.teacher_steps} but the student samples in {n} steps: "
+                         f"each stage halves the grid (teacher_steps={2 * n}, or student 'distill"
+                         f"{int(dist.teacher_steps) // 2}')")
+    if 2 * n > int(d.diffusion_steps):
+        raise UsageError(f"config.distill.teacher_steps={2 * n} exceeds config.diffusion.diffusion_steps="
+                         f"{d.diffusion_steps}")
+    if dist.teacher_mean_type not in gaussian.MEAN_TYPES:
+        raise UsageError(f"config.distill.teacher_mean_type={dist.teacher_mean_type!r} is not one of "
+                         f"{', '.join(gaussian.MEAN_TYPES)}")
+    if float(d.snr_gamma) != 0:
+        raise UsageError(f"config.diffusion.snr_gamma={d.snr_gamma}: the distillation loss has its own weight "
+                         "(truncated SNR); set snr_gamma=0")
 
 
 def _validate_diffusion_config(d) -> None:
