@@ -101,8 +101,9 @@ def make_ode_fn(apply_fn: nll.ApplyFn, fs: ode_likelihood.FlowSchedule, *, mesh:
         batch = {k: batch[k] for k in ("image", "index", "valid") + (("label",) if class_cond else ())}
         in_specs = (P(), {k: rows for k in batch}, P())
         out_specs = (OdeBatch(rows, rows, rows, rows), rows, rows)
-        # check_vma=False: the U-Net's custom_vjp kernels return parameter cotangents typed as device-varying
-        # under the VJP of the divergence, which the replicated params' type check rejects; no collectives here.
+        # check_vma=False: the solvers' while/scan carries start as constants (not device-varying) and come
+        # back varying, which the varying-axes check rejects; every example is solved on its own device
+        # and there are no collectives in `local`, so the check has nothing to protect here.
         return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
             params, batch, rng)
 

@@ -167,7 +167,8 @@ def make_plan(cfg: dict, opts, tokenizer, *, upsampler: bool = False) -> Inpaint
     else:
         respacing = opts.timestep_respacing
         what, cfg_scale, scale = "--timestep_respacing", opts.cfg_scale, 1.0
-        sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
+        sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised,
+                                  sampler_options=opts.sampler_options)
     schedule = samplers.plan_schedule(diff, respacing, what)
     c = (m["in_channels"] - 1) // (3 if upsampler else 2)
     return InpaintPlan(schedule, diff["mean_type"], diff["var_type"], (m["image_size"], m["image_size"], c),

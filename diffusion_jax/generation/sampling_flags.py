@@ -29,7 +29,7 @@ _FLAGS = {
     "sampler_options": ("string", None, "The sampler's own options, name=value,... (edm: s_churn, s_tmin, s_tmax, "
                         "s_noise; dpm++2m-sde: eta, s_noise, solver_type); see sampling.SAMPLER_OPTIONS."),
     "clip_denoised": ("boolean", None, "Clip the x0 prediction to [-1, 1] at every step; default: the sampler's "
-                      "(on for ancestral/ddim, off for the DPM solvers)."),
+                      "(on for every sampler but dpm2s; see diffusion_jax/generation/samplers.py)."),
     "labels": ("string", None, "Comma list of classes (cycled), 'random' or 'null'; default random if needed."),
     "cfg_scale": ("float", None, "Classifier-free guidance scale (model must have a null label)."),
     "classifier_workdir": ("string", None, "Noisy classifier (workdir or converted dir) for guidance."),

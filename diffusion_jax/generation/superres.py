@@ -78,7 +78,8 @@ def make_sr_plan(cfg: dict, opts, what: str) -> SRPlan:
     m, diff = cfg["model"], cfg["diffusion"]
     schedule = samplers.plan_schedule(diff, opts.timestep_respacing)
     c, small = m["in_channels"] // 2, low_res_size(cfg)
-    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
+    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised,
+                              sampler_options=opts.sampler_options)
     return SRPlan(schedule, diff["mean_type"], diff["var_type"], (m["image_size"], m["image_size"], c),
                   (small, small, c), m["num_classes"] is not None, sampler)
 

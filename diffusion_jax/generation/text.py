@@ -99,7 +99,8 @@ def make_text_plan(cfg: dict, opts, tokenizer) -> TextPlan:
         raise ValueError("--labels and --classifier_workdir apply to class-conditional models, not text models")
     if opts.num_samples < 1 or opts.batch_size < 1:
         raise ValueError(f"--num_samples and --batch_size must be >= 1 (got {opts.num_samples}, {opts.batch_size})")
-    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised)
+    sampler = samplers.choose(opts.sampler, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised,
+                              sampler_options=opts.sampler_options)
     diff = cfg["diffusion"]
     return TextPlan(samplers.plan_schedule(diff, opts.timestep_respacing), diff["mean_type"], diff["var_type"],
                     _image_shape(cfg, False), tuple(opts.prompts), int(cfg["model"]["text_ctx"]), tokenizer,

@@ -101,7 +101,7 @@ def make_plan(model_cfg_all: dict, opts, classifier_cfg: dict | None = None) -> 
     if name is None and not opts.use_ddim and (model_cfg_all.get("distill") or {}).get("teacher_workdir"):
         name = "ddim"  # a distilled student (training/distill.py) learned deterministic DDIM steps on its grid
     sampler = samplers.choose(name, use_ddim=opts.use_ddim, eta=opts.eta, clip_denoised=opts.clip_denoised,
-                              sampler_options=getattr(opts, "sampler_options", None))
+                              sampler_options=opts.sampler_options)
     num_classes = model_cfg["num_classes"]
     conditional = num_classes is not None
     has_null = conditional and bool(model_cfg["null_label"])
