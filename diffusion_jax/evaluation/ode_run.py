@@ -211,27 +211,17 @@ def ode_settings(cfg: dict, o: dict) -> dict:
 def evaluate_ode_nll(o: dict) -> dict:
     """`evaluate.py --metric=ode_nll`: ODE bits/dim of a checkpoint on a dataset split."""
     from diffusion_jax import schedules
-    from diffusion_jax.data import pipeline
 
     check_ode_options(o)
     module, params, cfg = run.load_model(o["workdir"], o.get("ema_rate"))
     d, m = cfg["diffusion"], cfg["model"]
     if d["mean_type"] == "previous_x":
         raise ValueError("this model predicts x_{t-1} (mean_type previous_x), which has no probability-flow ODE")
-    o = dict(o, data=o.get("data") or cfg["data"]["name"])
-    if not o["data"]:
-        raise ValueError("no dataset: pass --data (the workdir's config names none)")
     fs = ode_likelihood.flow_schedule(
         schedules.make_schedule(d["noise_schedule"], d["diffusion_steps"], "", d["rescale_timesteps"]))
-    source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
-    run._check_image_size(source, m["image_size"], m["in_channels"], o["allow_resize"])
-    stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
-    if o.get("num_samples"):
-        stop = min(stop, o["start"] + o["num_samples"])
-    o = dict(o, stop=stop)
+    o, source = run.dataset_range(o, cfg)
+    stop = o["stop"]
     mesh = nll.make_mesh()
-    if o["batch_size"] % jax.device_count():
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {jax.device_count()} devices")
     class_cond = m.get("num_classes") is not None
     options = ode_likelihood.SolverOptions(o["ode_solver"], rtol=float(o["ode_rtol"]), atol=float(o["ode_atol"]),
                                            num_steps=int(o["ode_steps"]))
@@ -239,10 +229,7 @@ def evaluate_ode_nll(o: dict) -> dict:
                        num_probes=int(o["ode_probes"]), options=options, class_cond=class_cond)
     settings = ode_settings(cfg, o)
 
-    def batches(resume_start):
-        return pipeline.make_eval_iterator(source, batch_size=o["batch_size"], image_size=m["image_size"],
-                                           channels=m["in_channels"], start=resume_start, stop=stop,
-                                           with_labels=class_cond)
+    batches = run.eval_batches(source, o, m, with_labels=class_cond)
 
     began = time.perf_counter()
     partial = run_ode(step, jax.tree.map(jnp.asarray, params), batches, mesh=mesh, rng=jax.random.key(o["seed"]),

@@ -217,6 +217,35 @@ def _check_image_size(source, image_size: int, channels: int, allow_resize: bool
             "model's size, or pass --allow_resize to resize (OpenAI's center_crop_arr) anyway.")
 
 
+def dataset_range(o: dict, cfg: dict):
+    """(o with `data` and `stop` filled in, the split's source) for the likelihood metrics: the dataset named
+    by --data or the workdir's config, its images checked against the model's size, [start, stop) cut to
+    the split and --num_samples, and the batch checked against the device count."""
+    from diffusion_jax.data import pipeline
+
+    m = cfg["model"]
+    o = dict(o, data=o.get("data") or cfg["data"]["name"])
+    if not o["data"]:
+        raise ValueError("no dataset: pass --data (the workdir's config names none)")
+    source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
+    _check_image_size(source, m["image_size"], m["in_channels"], o["allow_resize"])
+    stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
+    if o.get("num_samples"):
+        stop = min(stop, o["start"] + o["num_samples"])
+    if o["batch_size"] % jax.device_count():
+        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {jax.device_count()} devices")
+    return dict(o, stop=stop), source
+
+
+def eval_batches(source, o: dict, model_cfg: dict, *, with_labels: bool) -> Callable[[int], Iterable[dict]]:
+    """`resume_start -> iterator` of this process's rows of the global batches covering [resume_start, stop)."""
+    from diffusion_jax.data import pipeline
+
+    return lambda resume_start: pipeline.make_eval_iterator(
+        source, batch_size=o["batch_size"], image_size=model_cfg["image_size"], channels=model_cfg["in_channels"],
+        start=resume_start, stop=o["stop"], with_labels=with_labels)
+
+
 def nll_settings(cfg: dict, o: dict, schedule) -> dict:
     """Everything that determines the NLL numbers (stored in the report, checked on resume)."""
     d = cfg["diffusion"]
@@ -264,27 +293,17 @@ def evaluate_nll(o: dict) -> dict:
     import jax.numpy as jnp
 
     from diffusion_jax import schedules
-    from diffusion_jax.data import pipeline
 
     check_options(o)
     module, params, cfg = load_model(o["workdir"], o.get("ema_rate"))
     d, m = cfg["diffusion"], cfg["model"]
     guide = nll_guidance.load_guidance(o, cfg)  # --cfg_scale / --classifier_workdir: the bound of a guided chain
-    o = dict(o, data=o.get("data") or cfg["data"]["name"])
-    if not o["data"]:
-        raise ValueError("no dataset: pass --data (the workdir's config names none)")
     schedule = schedules.make_schedule(d["noise_schedule"], d["diffusion_steps"], o["timestep_respacing"],
                                        d["rescale_timesteps"])
-    source = pipeline.make_source(o["data"], o["split"], data_dir=o.get("data_dir"))
-    _check_image_size(source, m["image_size"], m["in_channels"], o["allow_resize"])
+    o, source = dataset_range(o, cfg)
     nll_guidance.check_labels(guide, source, o["data"], o["split"])
-    stop = len(source) if o.get("stop") is None else min(o["stop"], len(source))
-    if o.get("num_samples"):
-        stop = min(stop, o["start"] + o["num_samples"])
-    o = dict(o, stop=stop)
+    stop = o["stop"]
     mesh = nll.make_mesh()
-    if o["batch_size"] % jax.device_count():
-        raise ValueError(f"--batch_size {o['batch_size']} must be a multiple of the {jax.device_count()} devices")
     class_cond = m.get("num_classes") is not None
     apply_fn, cond_apply_fn = nll_guidance.apply_fns(module, guide, conditional=class_cond,
                                                      null_index=m["num_classes"] if m.get("null_label") else None)
@@ -293,11 +312,7 @@ def evaluate_nll(o: dict) -> dict:
                              class_cond=class_cond, cond_apply_fn=cond_apply_fn)
     settings = dict(nll_settings(cfg, o, schedule), **nll_guidance.settings(guide))
 
-    def batches(resume_start):
-        return pipeline.make_eval_iterator(source, batch_size=o["batch_size"], image_size=m["image_size"],
-                                           channels=m["in_channels"], start=resume_start, stop=stop,
-                                           with_labels=class_cond or guide.classifier is not None)
-
+    batches = eval_batches(source, o, m, with_labels=class_cond or guide.classifier is not None)
     params = jax.tree.map(jnp.asarray, (params, guide.classifier_params))  # both replicated
     partial = run_nll(step, params, batches, mesh=mesh, rng=jax.random.key(o["seed"]),
                       num_timesteps=schedule.num_timesteps, settings=settings, start=o["start"], stop=stop,
