@@ -8,7 +8,7 @@ Hutchinson probes are keyed by (seed, i), so its result depends neither on
 the batch size nor on the device count.  After every batch process 0
 rewrites `<out stem>.partial.npz` atomically; a rerun with the same settings
 continues after the last finished example, one with other settings is refused
-with the differences (`run.settings_differences`).
+with the differences (`runtime.resume.check_settings`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import ode_likelihood
 from diffusion_jax.evaluation import nll, run
+from diffusion_jax.runtime import resume
 from diffusion_jax.runtime.parallel import batch_spec
 
 
@@ -68,11 +69,7 @@ def load_partial(path: str, settings: dict) -> OdePartial:
     if not os.path.exists(path):
         return empty_partial()
     with np.load(path) as f:
-        diffs = run.settings_differences(json.loads(str(f["settings"])), json.loads(json.dumps(settings)))
-        if diffs:
-            raise run.ResumeError(
-                f"{path} holds partial results computed with other settings; refusing to resume:\n  "
-                + "\n  ".join(diffs) + f"\nUse the same settings, another --out, or delete {path}.")
+        resume.check_settings(path, json.loads(str(f["settings"])), settings, run.RESUME_FREE)
         return OdePartial(**{k: f[k] for k in OdePartial._fields})
 
 

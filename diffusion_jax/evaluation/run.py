@@ -90,12 +90,7 @@ def load_partial(path: str, settings: dict, num_timesteps: int) -> Partial:
     if not os.path.exists(path):
         return empty_partial(num_timesteps)
     with np.load(path) as f:
-        stored = json.loads(str(f["settings"]))
-        diffs = settings_differences(stored, json.loads(json.dumps(settings)))
-        if diffs:
-            raise ResumeError(
-                f"{path} holds partial results computed with other settings; refusing to resume:\n  "
-                + "\n  ".join(diffs) + f"\nUse the same settings, another --out, or delete {path}.")
+        resume.check_settings(path, json.loads(str(f["settings"])), settings, RESUME_FREE)
         return Partial(**{k: f[k] for k in Partial._fields})
 
 
