@@ -24,6 +24,9 @@ import os
 
 from absl import app, flags
 
+from diffusion_jax.runtime import host_malloc  # noqa: E402
+if __name__ == "__main__":
+    host_malloc.reexec()  # huge pages for XLA:CPU's per-call buffers, before JAX loads
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 from diffusion_jax.generation import sampling_flags

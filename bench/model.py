@@ -115,4 +115,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from diffusion_jax.runtime import host_malloc
+    host_malloc.reexec()  # huge pages for XLA:CPU's per-call buffers, before JAX loads
     main()

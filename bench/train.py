@@ -17,6 +17,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffusion_jax.runtime import host_malloc  # noqa: E402
+if __name__ == "__main__":
+    host_malloc.reexec()  # huge pages for XLA:CPU's per-call buffers, before JAX loads
 from diffusion_jax.runtime.xla_flags import set_cpu_flags  # noqa: E402
 set_cpu_flags()  # XLA:CPU options, before JAX starts its backend
 import jax  # noqa: E402
