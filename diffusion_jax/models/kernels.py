@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.models import winograd
+
 KERNELS = ("auto", "cpu", "xla")
 
 
@@ -274,6 +276,25 @@ def upsample_nearest(x: jax.Array) -> jax.Array:
 def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, *, kernels: str = "auto") -> jax.Array:
+    """The 3x3 stride-1 convolution with PyTorch's padding 1 (OpenAI's ``conv_nd(dims, c, c, 3, padding=1)``).
+
+    ``"cpu"``: Winograd's F(2x2, 3x3) (``models.winograd``) for the shapes
+    where it measured faster on XLA:CPU (``winograd.use_winograd``), XLA's
+    convolution for the rest. ``"xla"``: XLA's convolution.
+
+    Args:
+      x: [B, H, W, Cin].
+      kernel: [3, 3, Cin, Cout] (HWIO), in x's dtype.
+
+    Returns:
+      [B, H, W, Cout], no bias.
+    """
+    if resolve_kernels(kernels) == "cpu" and winograd.use_winograd(x.shape, kernel.shape):
+        return winograd.conv3x3(x, kernel)
+    return _conv3x3(x, kernel)
 
 
 def upsample_conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.kernels import attention, group_norm, upsample_conv3x3, upsample_nearest
+from diffusion_jax.models.kernels import attention, conv3x3, group_norm, upsample_conv3x3, upsample_nearest
 
 _ZEROS = nn.initializers.zeros
 
@@ -92,20 +92,39 @@ def conv(
     stride: int = 1,
     zero: bool = False,
     name=None,
-) -> nn.Conv:
+    kernels: str = "auto",
+) -> "Conv":
     """Square conv with PyTorch's symmetric padding ``kernel // 2``; params float32."""
-    pad = kernel // 2
-    kwargs = {"kernel_init": _ZEROS} if zero else {}
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-        **kwargs,
-    )
+    return Conv(features, kernel, stride, zero, dtype, kernels, name=name)
+
+
+class Conv(nn.Module):
+    """``nn.Conv`` for square kernels with PyTorch's padding ``kernel // 2``: same ``kernel``/``bias`` leaves and init.
+
+    3x3 stride-1 convolutions go through ``kernels.conv3x3`` (Winograd on
+    XLA:CPU where it measured faster, XLA's convolution elsewhere); the rest
+    are XLA's convolution.
+    """
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    zero: bool = False
+    dtype: str = "float32"
+    kernels: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = _ZEROS if self.zero else nn.initializers.lecun_normal()
+        kernel = self.param("kernel", init, (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", _ZEROS, (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if self.kernel == 3 and self.stride == 1:
+            return conv3x3(x, kernel, kernels=self.kernels) + bias
+        pad = self.kernel // 2
+        y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
@@ -211,7 +230,7 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.down:
             h, x = avg_pool2(h), avg_pool2(x)
-        h = conv(oc, self.dtype, name="in_layers_2")(h)
+        h = conv(oc, self.dtype, name="in_layers_2", kernels=self.kernels)(h)
         # The embedding MLP stays float32 (OpenAI's fp16 mode never casts Linear layers).
         chunks = ChunkedDense(2 * oc if self.use_scale_shift_norm else oc,
                               chunks=2 if self.use_scale_shift_norm else 1, name="emb_layers_1")(nn.silu(emb))
@@ -223,7 +242,7 @@ class ResBlock(nn.Module):
         else:
             h = norm(h + chunks[0])
         h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
-        h = conv(oc, self.dtype, zero=True, name="out_layers_3")(h)
+        h = conv(oc, self.dtype, zero=True, name="out_layers_3", kernels=self.kernels)(h)
         if x.shape[-1] != oc:
             x = conv(oc, self.dtype, kernel=1, name="skip_connection")(x)
         return x + h

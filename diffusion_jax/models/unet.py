@@ -88,7 +88,7 @@ def down_path(m, x: jax.Array, emb: jax.Array, train: bool, encoder_out: jax.Arr
     """
     mult = tuple(m.channel_mult)
     ch = int(mult[0] * m.model_channels)
-    h = layers.conv(ch, m.dtype, name="input_blocks_0_0")(x.astype(m.dtype))
+    h = layers.conv(ch, m.dtype, name="input_blocks_0_0", kernels=m.kernels)(x.astype(m.dtype))
     hs, idx, ds = [h], 1, 1
     for level, mu in enumerate(mult):
         for _ in range(m.num_res_blocks):
@@ -149,7 +149,7 @@ def unet_trunk(m, x: jax.Array, emb: jax.Array, train: bool, encoder_out: jax.Ar
     h, hs = down_path(m, x, emb, train, encoder_out)
     h = up_path(m, h, hs, emb, train, encoder_out)
     h = nn.silu(layers.GroupNorm32(dtype=m.dtype, kernels=m.kernels, name="out_0")(h))
-    h = layers.conv(m.out_channels, m.dtype, zero=True, name="out_2")(h)
+    h = layers.conv(m.out_channels, m.dtype, zero=True, name="out_2", kernels=m.kernels)(h)
     return h.astype(jnp.float32)
 
 

@@ -1,0 +1,115 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016), for XLA:CPU.
+
+Each 2x2 block of outputs is computed from the 4x4 input tile around it as
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A
+
+with the element-wise product summed over input channels: 16 matrix
+products [tiles, Cin] x [Cin, Cout] instead of 36 per 2x2 block, 2.25x fewer
+multiply-adds than the direct convolution. B^T and A^T hold only 0 and +-1,
+G only 0, +-1/2 and 1, so the transforms are exact sums in float32 and the
+result differs from the direct convolution by rounding only (relative error
+~1e-6 on unit-scale data, `tests/winograd_test.py`).
+
+The gradient is hand-written: the input's is the same kind of convolution of
+the output gradient with the kernel flipped and transposed (again Winograd),
+the kernel's is XLA's own filter-gradient convolution. Autodiff through the
+tile transforms would scatter-add slices and run 2-3x slower than the direct
+form.
+
+Only ``kernels.conv3x3`` calls this, and only where it measured faster on
+XLA:CPU (``use_winograd``); accelerators keep XLA's convolution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# F(2x2, 3x3) (Lavin & Gray 2016, section 4.1).
+B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
+G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
+A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+
+
+def _signed_sum(coefs, parts):
+    """sum(c * p) for coefficients in {0, 1, -1}, written as adds and subtracts."""
+    out = None
+    for c, p in zip(coefs, parts):
+        if c:
+            out = (p if c > 0 else -p) if out is None else (out + p if c > 0 else out - p)
+    return out
+
+
+def _two_sided(m, parts):
+    """[sum_ij m[a, i] m[b, j] parts[i][j] for a, b]: the tile transform M d M^T, one array per (a, b)."""
+    rows, cols = m.shape
+    return [_signed_sum([m[a, i] * m[b, j] for i in range(cols) for j in range(cols)],
+                        [parts[i][j] for i in range(cols) for j in range(cols)])
+            for a in range(rows) for b in range(rows)]
+
+
+def transform_kernel(kernel: jax.Array) -> jax.Array:
+    """[3, 3, Cin, Cout] HWIO -> [16, Cin, Cout]: G g G^T for every (in, out) pair."""
+    g = jnp.asarray(G, kernel.dtype)
+    u = jnp.einsum("ay,bx,yxio->abio", g, g, kernel, precision=jax.lax.Precision.HIGHEST)
+    return u.reshape(16, *kernel.shape[2:])
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3 stride-1 convolution with PyTorch's padding 1, by F(2x2, 3x3).
+
+    Args:
+      x: [B, H, W, Cin] with H and W even.
+      kernel: [3, 3, Cin, Cout] (HWIO), x's dtype.
+
+    Returns:
+      [B, H, W, Cout], no bias.
+    """
+    return _conv3x3(x, kernel)
+
+
+def _forward(x, kernel):
+    b, h, w, cin = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # d[i][j]: the tile element (i, j) of every 4x4 tile (stride 2), [B, H/2, W/2, Cin].
+    d = [[xp[:, i:i + h:2, j:j + w:2] for j in range(4)] for i in range(4)]
+    v = jnp.stack(_two_sided(B_T, d)).reshape(16, -1, cin)
+    m = jnp.einsum("tnc,tco->tno", v, transform_kernel(kernel), preferred_element_type=x.dtype)
+    m = m.reshape(4, 4, b, h // 2, w // 2, -1)
+    y = _two_sided(A_T, [[m[i, j] for j in range(4)] for i in range(4)])  # (0,0), (0,1), (1,0), (1,1)
+    rows = [jnp.stack(y[2 * p:2 * p + 2], axis=3) for p in range(2)]  # [B, H/2, W/2, 2, Cout] each
+    return jnp.stack(rows, axis=2).reshape(b, h, w, -1)
+
+
+@jax.custom_vjp
+def _conv3x3(x, kernel):
+    return _forward(x, kernel)
+
+
+def _fwd(x, kernel):
+    return _forward(x, kernel), (x, kernel)
+
+
+def _bwd(res, g):
+    x, kernel = res
+    # d/dx of a stride-1, padding-1 3x3 conv: the same conv of g with the kernel rotated 180 degrees
+    # and its in/out channels swapped.
+    dx = _forward(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
+    _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
+    return dx.astype(x.dtype), kernel_vjp(g)[0]
+
+
+_conv3x3.defvjp(_fwd, _bwd)
+
+
+def use_winograd(x_shape, kernel_shape) -> bool:
+    """Whether F(2x2, 3x3) beat XLA:CPU's direct convolution for this shape (bench/winograd.py).
+
+    Faster from 16x16 images up with at least 64 input channels; below that
+    the tile transforms cost more than the multiply-adds they save.
+    """
+    _, h, w, cin = x_shape
+    return h % 2 == 0 and w % 2 == 0 and h * w >= 256 and cin >= 64 and kernel_shape[:2] == (3, 3)
