@@ -12,10 +12,12 @@ result differs from the direct convolution by rounding only (relative error
 ~1e-6 on unit-scale data, `tests/winograd_test.py`).
 
 The gradient is hand-written: the input's is the same kind of convolution of
-the output gradient with the kernel flipped and transposed (again Winograd),
-the kernel's is XLA's own filter-gradient convolution. Autodiff through the
-tile transforms would scatter-add slices and run 2-3x slower than the direct
-form.
+the output gradient with the kernel flipped and transposed (again Winograd);
+the kernel's is summed over the same tiles, G^T [sum_tiles V^T dM] G with
+dM = A dY A^T: 16 products with the tiles as the contracted axis, where XLA's
+filter-gradient convolution first transposes both activations to [C, H, W, B]
+(4-6 % of a training step in transposes alone). Autodiff through the tile
+transforms would scatter-add slices and run 2-3x slower than the direct form.
 
 Only ``kernels.conv3x3`` calls this, and only where it measured faster on
 XLA:CPU (``use_winograd``); accelerators keep XLA's convolution.
@@ -70,17 +72,33 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _conv3x3(x, kernel)
 
 
-def _forward(x, kernel):
-    b, h, w, cin = x.shape
+def _input_tiles(x):
+    """[B, H, W, Cin] -> [16, B*H/2*W/2, Cin]: B^T d B for every 4x4 tile (stride 2) of the padded image."""
+    _, h, w, cin = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # d[i][j]: the tile element (i, j) of every 4x4 tile (stride 2), [B, H/2, W/2, Cin].
+    # d[i][j]: element (i, j) of every tile, [B, H/2, W/2, Cin].
     d = [[xp[:, i:i + h:2, j:j + w:2] for j in range(4)] for i in range(4)]
-    v = jnp.stack(_two_sided(B_T, d)).reshape(16, -1, cin)
-    m = jnp.einsum("tnc,tco->tno", v, transform_kernel(kernel), preferred_element_type=x.dtype)
+    return jnp.stack(_two_sided(B_T, d)).reshape(16, -1, cin)
+
+
+def _forward(x, kernel):
+    b, h, w, _ = x.shape
+    m = jnp.einsum("tnc,tco->tno", _input_tiles(x), transform_kernel(kernel), preferred_element_type=x.dtype)
     m = m.reshape(4, 4, b, h // 2, w // 2, -1)
     y = _two_sided(A_T, [[m[i, j] for j in range(4)] for i in range(4)])  # (0,0), (0,1), (1,0), (1,1)
     rows = [jnp.stack(y[2 * p:2 * p + 2], axis=3) for p in range(2)]  # [B, H/2, W/2, 2, Cout] each
     return jnp.stack(rows, axis=2).reshape(b, h, w, -1)
+
+
+def _kernel_grad(x, g):
+    """d(loss)/d(kernel) by the same tiling: G^T [sum over tiles of V^T dM] G, with dM = A dY A^T."""
+    cout = g.shape[-1]
+    dy = [[g[:, p::2, q::2] for q in range(2)] for p in range(2)]  # the output gradient at each 2x2 phase
+    dm = jnp.stack(_two_sided(A_T.T, dy)).reshape(16, -1, cout)
+    du = jnp.einsum("tnc,tno->tco", _input_tiles(x), dm, preferred_element_type=x.dtype)
+    gm = jnp.asarray(G, x.dtype)
+    return jnp.einsum("ay,bx,abio->yxio", gm, gm, du.reshape(4, 4, *du.shape[1:]),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp
@@ -97,9 +115,15 @@ def _bwd(res, g):
     # d/dx of a stride-1, padding-1 3x3 conv: the same conv of g with the kernel rotated 180 degrees
     # and its in/out channels swapped.
     dx = _forward(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
+    if KERNEL_GRAD_BY_TILES:
+        return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
     _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
         x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
     return dx.astype(x.dtype), kernel_vjp(g)[0]
+
+
+# False: the kernel's gradient by XLA's filter-gradient convolution (the A/B in README "Benchmarks").
+KERNEL_GRAD_BY_TILES = True
 
 
 _conv3x3.defvjp(_fwd, _bwd)
