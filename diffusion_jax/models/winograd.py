@@ -35,21 +35,16 @@ G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
-def _signed_sum(coefs, parts):
-    """sum(c * p) for coefficients in {0, 1, -1}, written as adds and subtracts."""
-    out = None
-    for c, p in zip(coefs, parts):
-        if c:
-            out = (p if c > 0 else -p) if out is None else (out + p if c > 0 else out - p)
+def _combine(m, parts):
+    """[sum_i m[a, i] * parts[i] for each row a of m], for entries in {0, 1, -1}: adds and subtracts only."""
+    out = []
+    for row in m:
+        acc = None
+        for c, p in zip(row, parts):
+            if c:
+                acc = (p if c > 0 else -p) if acc is None else (acc + p if c > 0 else acc - p)
+        out.append(acc)
     return out
-
-
-def _two_sided(m, parts):
-    """[sum_ij m[a, i] m[b, j] parts[i][j] for a, b]: the tile transform M d M^T, one array per (a, b)."""
-    rows, cols = m.shape
-    return [_signed_sum([m[a, i] * m[b, j] for i in range(cols) for j in range(cols)],
-                        [parts[i][j] for i in range(cols) for j in range(cols)])
-            for a in range(rows) for b in range(rows)]
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
@@ -73,28 +68,36 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _input_tiles(x):
-    """[B, H, W, Cin] -> [16, B*H/2*W/2, Cin]: B^T d B for every 4x4 tile (stride 2) of the padded image."""
+    """[B, H, W, Cin] -> [16, B*H/2*W/2, Cin]: B^T d B for every 4x4 tile (stride 2) of the padded image.
+
+    Separable: the row transform over whole rows first, then the column
+    transform; two fusions, where the 16 tile elements one by one took 17
+    (1.6x slower on XLA:CPU).
+    """
     _, h, w, cin = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # d[i][j]: element (i, j) of every tile, [B, H/2, W/2, Cin].
-    d = [[xp[:, i:i + h:2, j:j + w:2] for j in range(4)] for i in range(4)]
-    return jnp.stack(_two_sided(B_T, d)).reshape(16, -1, cin)
+    rows = jnp.stack(_combine(B_T, [xp[:, i:i + h:2] for i in range(4)]))  # [4, B, H/2, W+2, Cin]
+    tiles = jnp.stack(_combine(B_T, [rows[:, :, :, j:j + w:2] for j in range(4)]), axis=1)
+    return tiles.reshape(16, -1, cin)
 
 
 def _forward(x, kernel):
     b, h, w, _ = x.shape
     m = jnp.einsum("tnc,tco->tno", _input_tiles(x), transform_kernel(kernel), preferred_element_type=x.dtype)
     m = m.reshape(4, 4, b, h // 2, w // 2, -1)
-    y = _two_sided(A_T, [[m[i, j] for j in range(4)] for i in range(4)])  # (0,0), (0,1), (1,0), (1,1)
-    rows = [jnp.stack(y[2 * p:2 * p + 2], axis=3) for p in range(2)]  # [B, H/2, W/2, 2, Cout] each
-    return jnp.stack(rows, axis=2).reshape(b, h, w, -1)
+    # Y = A^T M A, columns then rows, laid out as [B, H/2, 2, W/2, 2, Cout].
+    cols = jnp.stack(_combine(A_T, [m[:, j] for j in range(4)]), axis=-2)  # [4, B, H/2, W/2, 2, Cout]
+    y = jnp.stack(_combine(A_T, [cols[i] for i in range(4)]), axis=2)
+    return y.reshape(b, h, w, -1)
 
 
 def _kernel_grad(x, g):
     """d(loss)/d(kernel) by the same tiling: G^T [sum over tiles of V^T dM] G, with dM = A dY A^T."""
     cout = g.shape[-1]
-    dy = [[g[:, p::2, q::2] for q in range(2)] for p in range(2)]  # the output gradient at each 2x2 phase
-    dm = jnp.stack(_two_sided(A_T.T, dy)).reshape(16, -1, cout)
+    a = A_T.T
+    # dY at each 2x2 output phase (p, q); dM[i, j] = sum_pq A_T[p, i] A_T[q, j] dY[p, q], columns then rows.
+    cols = [jnp.stack(_combine(a, [g[:, p::2, q::2] for q in range(2)])) for p in range(2)]  # [4, B, H/2, W/2, C]
+    dm = jnp.stack(_combine(a, cols)).reshape(16, -1, cout)
     du = jnp.einsum("tnc,tno->tco", _input_tiles(x), dm, preferred_element_type=x.dtype)
     gm = jnp.asarray(G, x.dtype)
     return jnp.einsum("ay,bx,abio->yxio", gm, gm, du.reshape(4, 4, *du.shape[1:]),
