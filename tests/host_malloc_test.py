@@ -1,4 +1,4 @@
-"""runtime.host_malloc: when the programs restart themselves with glibc's huge-page tunable."""
+"""runtime.host_malloc: when and how the programs restart themselves with glibc's allocator tunables."""
 
 import os
 import subprocess
@@ -7,49 +7,62 @@ import sys
 from diffusion_jax.runtime import host_malloc
 
 MADVISE = "always [madvise] never\n"
+GLIBC = ("glibc", "2.36")
 
 
-def test_wanted_only_with_glibc_235_and_madvise_thp_and_no_tunable_yet():
-    glibc = ("glibc", "2.36")
-    assert host_malloc.wanted({}, glibc, MADVISE)
-    assert not host_malloc.wanted({}, glibc, "[always] madvise never\n")  # every mapping gets them already
-    assert not host_malloc.wanted({}, glibc, "always madvise [never]\n")
-    assert not host_malloc.wanted({}, ("glibc", "2.31"), MADVISE)  # no hugetlb tunable before 2.35
-    assert not host_malloc.wanted({}, ("", ""), MADVISE)  # musl, macOS
-    assert not host_malloc.wanted({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc, MADVISE)  # user's choice
-    assert not host_malloc.wanted({host_malloc.OPT_OUT: "1"}, glibc, MADVISE)
+def test_huge_pages_only_with_glibc_235_and_madvise_thp():
+    hp = "glibc.malloc.hugetlb=1"
+    assert host_malloc.settings({}, GLIBC, MADVISE, cpu=False)["GLIBC_TUNABLES"] == hp
+    assert host_malloc.settings({}, GLIBC, "[always] madvise never\n", cpu=False) == {}  # they are there already
+    assert host_malloc.settings({}, GLIBC, "always madvise [never]\n", cpu=False) == {}
+    assert host_malloc.settings({}, ("glibc", "2.31"), MADVISE, cpu=True) == {}  # no hugetlb tunable before 2.35
+    assert host_malloc.settings({}, ("", ""), MADVISE, cpu=True) == {}  # musl, macOS
 
 
-def test_environment_appends_to_existing_tunables():
-    env = host_malloc.environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert env["X"] == "1"
-    assert host_malloc.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+def test_cpu_only_runs_keep_the_heap_and_dispatch_on_the_calling_thread():
+    out = host_malloc.settings({}, GLIBC, MADVISE, cpu=True)
+    assert out["GLIBC_TUNABLES"].split(":") == [
+        "glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=4000000000"]
+    assert out["JAX_CPU_ENABLE_ASYNC_DISPATCH"] == "false"
+    assert "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in host_malloc.settings({}, GLIBC, MADVISE, cpu=False)
+
+
+def test_the_users_choices_win():
+    env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}
+    out = host_malloc.settings(env, GLIBC, MADVISE, cpu=True)
+    assert out["GLIBC_TUNABLES"] == ("glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2:"
+                                     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000")
+    assert "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in out
+    assert host_malloc.settings({host_malloc.OPT_OUT: "1"}, GLIBC, MADVISE, cpu=True) == {}
+
+
+def test_cpu_only_reads_jax_platforms():
+    assert host_malloc.cpu_only({"JAX_PLATFORMS": "cpu"})
+    assert not host_malloc.cpu_only({"JAX_PLATFORMS": "cuda,cpu"})
 
 
 def test_reexec_restarts_the_same_command_line(monkeypatch):
     calls = []
-    monkeypatch.setattr(host_malloc, "wanted", lambda: True)
+    monkeypatch.setattr(host_malloc, "settings", lambda: {"GLIBC_TUNABLES": "x=1"})
     monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "train.py", "--workdir=w"])
     host_malloc.reexec(execve=lambda *a: calls.append(a))
     (exe, argv, env), = calls
     assert exe == sys.executable and argv == [sys.executable, "-u", "train.py", "--workdir=w"]
-    assert "glibc.malloc.hugetlb=1" in env["GLIBC_TUNABLES"]
+    assert env["GLIBC_TUNABLES"] == "x=1"
     monkeypatch.setattr(sys, "orig_argv", ["python", "-c", "pass"])  # nothing to restart
     host_malloc.reexec(execve=lambda *a: calls.append(a))
     assert len(calls) == 1
 
 
-def test_a_program_restarted_once_sees_the_tunable(tmp_path):
+def test_a_program_restarts_once(tmp_path):
     script = tmp_path / "prog.py"
-    script.write_text("import os\nfrom diffusion_jax.runtime import host_malloc\n"
-                      "host_malloc.reexec()\nprint(os.environ.get('GLIBC_TUNABLES', ''), os.getpid())\n")
+    script.write_text("import os\nprint('start')\nfrom diffusion_jax.runtime import host_malloc\n"
+                      "host_malloc.reexec()\nprint(os.environ.get('GLIBC_TUNABLES', '-'))\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    env.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
-                         env=env).stdout.split()
-    if host_malloc.wanted(env):
-        assert out[0] == "glibc.malloc.hugetlb=1"  # restarted exactly once (the tunable stops a second)
-    else:
-        assert not out or "hugetlb" not in out[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_malloc._DONE, host_malloc.OPT_OUT)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    lines = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                           env=env).stdout.split()
+    expected = host_malloc.settings(env)
+    assert lines.count("start") == (2 if expected else 1)  # restarted at most once
+    assert lines[-1] == expected.get("GLIBC_TUNABLES", "-")

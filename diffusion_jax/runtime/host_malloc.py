@@ -1,76 +1,108 @@
-"""Huge pages for the large host buffers XLA:CPU allocates on every call.
+"""How the programs' host memory is allocated: XLA:CPU's per-call buffers without page faults.
 
-XLA:CPU allocates each compiled program's temporaries as one buffer per
-call (351 MB for the reference training step at batch 8) with
-``posix_memalign`` from an Eigen worker thread. glibc serves a request that
-large from a thread arena with a fresh ``mmap`` and returns it with
-``munmap`` when the call ends, so every call faults the buffer in again, one
-zeroed 4 KiB page at a time: 86,000 page faults per training step here, about
-14 % of the step in the kernel (``perf``), ~1 us a page in a VM.
+XLA:CPU allocates each compiled program's temporaries as one buffer per call
+(351-500 MB for the reference training step at batch 8) with
+``posix_memalign``. glibc serves a request that large with a fresh ``mmap``
+and unmaps it when the call ends, so every call faults the whole buffer in
+again and the kernel zeroes every page: 86,000 page faults and ~14 % of a
+training step in the kernel (``perf``: ``clear_page_erms``, ``exc_page_fault``).
 
-glibc >= 2.35 advises transparent huge pages on its ``mmap``-ed chunks when
-started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: 2 MiB pages, 600
-faults instead of 86,000. The tunable is read once, when the dynamic loader
-starts, so a program that wants it has to be started with it: ``reexec()``
-restarts the current Python command line with the tunable set, before
-anything heavy is imported. Only the programs call it (train.py, sample.py,
-evaluate.py, bench/), never the library. Figures: README "Benchmarks".
+Two remedies, both glibc tunables, which glibc reads only when a process
+starts, hence ``reexec()``: it restarts the current Python command line once
+with them set, first thing in a program's ``__main__``:
+
+- ``glibc.malloc.hugetlb=1`` (glibc >= 2.35, transparent huge pages in
+  ``madvise`` mode): 2 MiB pages for ``mmap``-ed chunks, 600 faults a step
+  instead of 86,000. The pages are still zeroed on every call.
+- CPU-only runs (no accelerator plugin installed, or ``JAX_PLATFORMS=cpu``):
+  ``glibc.malloc.mmap_max=0`` and a 4 GB ``trim_threshold`` keep large
+  blocks in the main heap once allocated, and ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``
+  runs single-device computations on the calling thread, so that the
+  temporaries come from that heap: reused, never faulted or zeroed again.
+  The process keeps its peak heap for its lifetime, as an accelerator
+  runtime keeps its pool. Asynchronous dispatch alone or the tunables alone
+  gain nothing measurable; together ~10 % of a training step and of a forward pass.
+
+Only the programs call ``reexec`` (train.py, sample.py, evaluate.py, bench/),
+never the library. ``DIFFUSION_JAX_NO_HOST_MALLOC=1`` keeps a process as
+started. Figures: README "Benchmarks".
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "DIFFUSION_JAX_NO_HUGEPAGE_MALLOC"  # set (to anything) to keep the process as started
+OPT_OUT = "DIFFUSION_JAX_NO_HOST_MALLOC"  # set (to anything) to keep the process as started
+_DONE = "DIFFUSION_JAX_HOST_MALLOC"  # set in the restarted process: never restart twice
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+HUGE_PAGES = ("glibc.malloc.hugetlb", "1")
+KEEP_HEAP = (("glibc.malloc.mmap_max", "0"), ("glibc.malloc.trim_threshold", "4000000000"))
+# JAX's accelerator plugins: with one installed the backend may not be the CPU, so the heap stays as is.
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
 
-def wanted(environ=None, libc=None, thp_mode: str | None = None) -> bool:
-    """Whether restarting with the tunable would change anything here.
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
-    True on Linux with glibc >= 2.35 when transparent huge pages are in
-    ``madvise`` mode (with ``always`` every large mapping already gets them;
-    with ``never`` none can), the tunable is not set yet and the opt-out
-    variable is absent.
+
+def cpu_only(environ=None) -> bool:
+    """True when JAX can only pick the CPU: ``JAX_PLATFORMS=cpu``, or no accelerator plugin installed."""
+    environ = os.environ if environ is None else environ
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms == ["cpu"]
+    return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def settings(environ=None, libc=None, thp_mode: str | None = None, cpu: bool | None = None) -> dict:
+    """The environment variables a restart would set here; {} when it would change nothing.
+
+    Tunables the user already set in GLIBC_TUNABLES are left as they are, as is
+    JAX_CPU_ENABLE_ASYNC_DISPATCH.
     """
     environ = os.environ if environ is None else environ
-    if OPT_OUT in environ or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
-        return False
+    if OPT_OUT in environ or _DONE in environ:
+        return {}
     name, version = libc if libc is not None else platform.libc_ver()
     try:
         if name != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
-            return False
+            return {}
     except ValueError:
-        return False
-    if thp_mode is None:
-        try:
-            with open(_THP_MODE) as f:
-                thp_mode = f.read()
-        except OSError:
-            return False
-    return "[madvise]" in thp_mode
-
-
-def environment(environ=None) -> dict:
-    """A copy of the environment with the tunable appended to GLIBC_TUNABLES (':'-separated)."""
-    env = dict(os.environ if environ is None else environ)
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), TUNABLE]))
-    return env
+        return {}
+    thp_mode = _read(_THP_MODE) if thp_mode is None else thp_mode
+    cpu = cpu_only(environ) if cpu is None else cpu
+    wanted = ([HUGE_PAGES] if "[madvise]" in thp_mode else []) + (list(KEEP_HEAP) if cpu else [])
+    existing = environ.get("GLIBC_TUNABLES", "")
+    taken = {item.split("=")[0] for item in existing.split(":") if item}
+    added = [f"{k}={v}" for k, v in wanted if k not in taken]
+    if not added:
+        return {}
+    out = {"GLIBC_TUNABLES": ":".join(filter(None, [existing, *added])), _DONE: "1"}
+    if cpu and "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in environ:
+        out["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "false"
+    return out
 
 
 def reexec(execve=os.execve) -> None:
-    """Restart this Python command line with glibc's huge-page tunable, when `wanted()`.
+    """Restart this Python command line with `settings()`, when there are any.
 
     Call first thing in a program's ``__main__``. Same PID, arguments and
-    environment otherwise (``sys.orig_argv``); nothing is restarted when the
-    command line is not a file or module (``python -c``, an interactive session).
+    environment otherwise (``sys.orig_argv``); nothing is restarted for
+    ``python -c`` or an interactive session.
     """
     argv = getattr(sys, "orig_argv", None)
-    if not argv or not wanted() or "-c" in argv[1:2] or len(argv) < 2:
+    if not argv or len(argv) < 2 or argv[1] == "-c":
+        return
+    extra = settings()
+    if not extra:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    execve(sys.executable, [sys.executable, *argv[1:]], environment())
+    execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, **extra})
