@@ -118,22 +118,14 @@ def _bwd(res, g):
     # d/dx of a stride-1, padding-1 3x3 conv: the same conv of g with the kernel rotated 180 degrees
     # and its in/out channels swapped.
     dx = _forward(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
-    if KERNEL_GRAD_BY_TILES:
-        return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
-    _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")), kernel)
-    return dx.astype(x.dtype), kernel_vjp(g)[0]
-
-
-# False: the kernel's gradient by XLA's filter-gradient convolution (the A/B in README "Benchmarks").
-KERNEL_GRAD_BY_TILES = True
+    return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
 
 
 _conv3x3.defvjp(_fwd, _bwd)
 
 
 def use_winograd(x_shape, kernel_shape) -> bool:
-    """Whether F(2x2, 3x3) beat XLA:CPU's direct convolution for this shape (bench/winograd.py).
+    """Whether F(2x2, 3x3) beat XLA:CPU's direct convolution for this shape (whole-model A/B, README).
 
     Faster from 16x16 images up with at least 64 input channels; below that
     the tile transforms cost more than the multiply-adds they save.
