@@ -66,3 +66,19 @@ def test_a_program_restarts_once(tmp_path):
     expected = host_malloc.settings(env)
     assert lines.count("start") == (2 if expected else 1)  # restarted at most once
     assert lines[-1] == expected.get("GLIBC_TUNABLES", "-")
+
+
+def test_dispatch_variable_reaches_jax(tmp_path):
+    """JAX reads no variable for its CPU dispatch option: `reexec` applies ours in the restarted process."""
+    script = tmp_path / "prog.py"
+    script.write_text("from diffusion_jax.runtime import host_malloc\nhost_malloc.reexec()\n"
+                      "from jax._src import xla_bridge\nprint(xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = {k: v for k, v in os.environ.items() if k != host_malloc.ASYNC_DISPATCH}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    base[host_malloc._DONE] = "1"  # as if already restarted: no second exec here
+    for value, expected in (("false", "False"), ("true", "True"), (None, "True")):
+        env = dict(base, **({host_malloc.ASYNC_DISPATCH: value} if value else {}))
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.split()[-1] == expected, (value, out.stdout, out.stderr[-500:])
+    assert host_malloc.apply_dispatch({}) is None

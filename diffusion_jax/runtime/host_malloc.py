@@ -16,12 +16,20 @@ with them set, first thing in a program's ``__main__``:
   instead of 86,000. The pages are still zeroed on every call.
 - CPU-only runs (no accelerator plugin installed, or ``JAX_PLATFORMS=cpu``):
   ``glibc.malloc.mmap_max=0`` and a 4 GB ``trim_threshold`` keep large
-  blocks in the main heap once allocated, and ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``
-  runs single-device computations on the calling thread, so that the
-  temporaries come from that heap: reused, never faulted or zeroed again.
-  The process keeps its peak heap for its lifetime, as an accelerator
-  runtime keeps its pool. Asynchronous dispatch alone or the tunables alone
-  gain nothing measurable; together ~10 % of a training step and of a forward pass.
+  blocks in the main heap once allocated, and synchronous dispatch
+  (``jax_cpu_enable_async_dispatch=False``) runs single-device computations
+  on the calling thread, so that the temporaries come from that heap:
+  reused, never faulted or zeroed again. The process keeps its peak heap for
+  its lifetime, as an accelerator runtime keeps its pool. A worker thread
+  allocates from its own glibc arena, and an arena other than the main one
+  falls back to ``mmap`` for a block over 64 MiB whatever ``mmap_max`` says:
+  without synchronous dispatch the tunables change nothing (measured: 750
+  huge-page faults and ~15 % of a training step in ``clear_page_erms``).
+
+JAX reads no environment variable for the dispatch option (it is a config
+flag), so the restart passes ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false`` and
+``reexec`` applies it with ``jax.config.update`` in the restarted process;
+set that variable yourself to ``true`` or ``false`` to choose.
 
 Only the programs call ``reexec`` (train.py, sample.py, evaluate.py, bench/),
 never the library. ``DIFFUSION_JAX_NO_HOST_MALLOC=1`` keeps a process as
@@ -38,6 +46,7 @@ import sys
 OPT_OUT = "DIFFUSION_JAX_NO_HOST_MALLOC"  # set (to anything) to keep the process as started
 _DONE = "DIFFUSION_JAX_HOST_MALLOC"  # set in the restarted process: never restart twice
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+ASYNC_DISPATCH = "JAX_CPU_ENABLE_ASYNC_DISPATCH"  # ours: JAX has the config flag only
 HUGE_PAGES = ("glibc.malloc.hugetlb", "1")
 KEEP_HEAP = (("glibc.malloc.mmap_max", "0"), ("glibc.malloc.trim_threshold", "4000000000"))
 # JAX's accelerator plugins: with one installed the backend may not be the CPU, so the heap stays as is.
@@ -85,8 +94,8 @@ def settings(environ=None, libc=None, thp_mode: str | None = None, cpu: bool | N
     if not added:
         return {}
     out = {"GLIBC_TUNABLES": ":".join(filter(None, [existing, *added])), _DONE: "1"}
-    if cpu and "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in environ:
-        out["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "false"
+    if cpu and ASYNC_DISPATCH not in environ:
+        out[ASYNC_DISPATCH] = "false"
     return out
 
 
@@ -102,7 +111,25 @@ def reexec(execve=os.execve) -> None:
         return
     extra = settings()
     if not extra:
+        apply_dispatch()
         return
     sys.stdout.flush()
     sys.stderr.flush()
     execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, **extra})
+
+
+def apply_dispatch(environ=None) -> bool | None:
+    """``JAX_CPU_ENABLE_ASYNC_DISPATCH`` (``true``/``false``) as JAX's CPU dispatch option; None if unset.
+
+    Must run before the CPU backend starts (the first computation); imports
+    JAX but starts nothing.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(ASYNC_DISPATCH, "").strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        return None
+    import jax
+
+    enabled = value in ("true", "1")
+    jax.config.update("jax_cpu_enable_async_dispatch", enabled)
+    return enabled
