@@ -195,6 +195,9 @@ def _agreement_case(case, key):
     if case == "upsample":
         args = (jax.random.normal(ks[0], (2, 5, 4, 16)), 0.2 * jax.random.normal(ks[1], (3, 3, 16, 8)))
         return lambda x, w, form: kernels.upsample_conv3x3(x, w, kernels=form), args
+    if case == "conv1x1":
+        args = (jax.random.normal(ks[0], (2, 5, 4, 16)), 0.2 * jax.random.normal(ks[1], (1, 1, 16, 8)))
+        return lambda x, w, form: kernels.conv1x1(x, w, kernels=form), args
     legacy = case.endswith("legacy")
     qkv = 2 * jax.random.normal(ks[0], (2, 16, 3 * 32))
     if "encoder_kv" in case:
@@ -203,7 +206,7 @@ def _agreement_case(case, key):
     return lambda qkv, form: layers.qkv_attention(qkv, 4, legacy, kernels=form), (qkv,)
 
 
-@pytest.mark.parametrize("case", ["group_norm", "upsample", "attention_legacy", "attention_new",
+@pytest.mark.parametrize("case", ["group_norm", "upsample", "conv1x1", "attention_legacy", "attention_new",
                                   "attention_encoder_kv_legacy", "attention_encoder_kv_new"])
 def test_cpu_and_xla_agree(case):
     """The two forms give the same values and gradients (the same parameters serve both)."""

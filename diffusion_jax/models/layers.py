@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.kernels import attention, conv3x3, group_norm, upsample_conv3x3, upsample_nearest
+from diffusion_jax.models.kernels import (attention, conv1x1, conv3x3, group_norm, upsample_conv3x3,
+                                         upsample_nearest)
 
 _ZEROS = nn.initializers.zeros
 
@@ -102,8 +103,9 @@ class Conv(nn.Module):
     """``nn.Conv`` for square kernels with PyTorch's padding ``kernel // 2``: same ``kernel``/``bias`` leaves and init.
 
     3x3 stride-1 convolutions go through ``kernels.conv3x3`` (Winograd on
-    XLA:CPU where it measured faster, XLA's convolution elsewhere); the rest
-    are XLA's convolution.
+    XLA:CPU where it measured faster, XLA's convolution elsewhere), 1x1 ones
+    through ``kernels.conv1x1`` (a GEMM on XLA:CPU); the rest are XLA's
+    convolution.
     """
 
     features: int
@@ -121,6 +123,8 @@ class Conv(nn.Module):
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         if self.kernel == 3 and self.stride == 1:
             return conv3x3(x, kernel, kernels=self.kernels) + bias
+        if self.kernel == 1 and self.stride == 1:
+            return conv1x1(x, kernel, kernels=self.kernels) + bias
         pad = self.kernel // 2
         y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))

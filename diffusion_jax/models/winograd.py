@@ -36,21 +36,31 @@ A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 
 
 def _combine(m, parts):
-    """[sum_i m[a, i] * parts[i] for each row a of m], for entries in {0, 1, -1}: adds and subtracts only."""
+    """[sum_i m[a, i] * parts[i] for each row a of m]: element-wise adds, with a multiply only where |m[a, i]| != 1.
+
+    Written out term by term so that XLA fuses each transform into one loop
+    (an einsum with a 4x3 matrix became a dot plus two transposes).
+    """
     out = []
     for row in m:
         acc = None
         for c, p in zip(row, parts):
-            if c:
-                acc = (p if c > 0 else -p) if acc is None else (acc + p if c > 0 else acc - p)
+            c = float(c)
+            if c == 0:
+                continue
+            term = p if abs(c) == 1 else p * c
+            if acc is None:
+                acc = -term if c == -1 else term
+            else:
+                acc = acc - term if c == -1 else acc + term
         out.append(acc)
     return out
 
 
 def transform_kernel(kernel: jax.Array) -> jax.Array:
     """[3, 3, Cin, Cout] HWIO -> [16, Cin, Cout]: G g G^T for every (in, out) pair."""
-    g = jnp.asarray(G, kernel.dtype)
-    u = jnp.einsum("ay,bx,yxio->abio", g, g, kernel, precision=jax.lax.Precision.HIGHEST)
+    rows = _combine(G, [kernel[y] for y in range(3)])  # 4 x [3, Cin, Cout]
+    u = jnp.stack([jnp.stack(_combine(G, [r[x] for x in range(3)])) for r in rows])  # [4, 4, Cin, Cout]
     return u.reshape(16, *kernel.shape[2:])
 
 
@@ -81,9 +91,11 @@ def _input_tiles(x):
     return tiles.reshape(16, -1, cin)
 
 
-def _forward(x, kernel):
+def _forward(x, kernel, transposed=False):
+    """Y for x [B, H, W, C]; with ``transposed`` the kernel is [3, 3, Cout, C], used as [3, 3, C, Cout] (dx)."""
     b, h, w, _ = x.shape
-    m = jnp.einsum("tnc,tco->tno", _input_tiles(x), transform_kernel(kernel), preferred_element_type=x.dtype)
+    spec = "tnc,toc->tno" if transposed else "tnc,tco->tno"
+    m = jnp.einsum(spec, _input_tiles(x), transform_kernel(kernel), preferred_element_type=x.dtype)
     m = m.reshape(4, 4, b, h // 2, w // 2, -1)
     # Y = A^T M A, columns then rows, laid out as [B, H/2, 2, W/2, 2, Cout].
     cols = jnp.stack(_combine(A_T, [m[:, j] for j in range(4)]), axis=-2)  # [4, B, H/2, W/2, 2, Cout]
@@ -99,9 +111,9 @@ def _kernel_grad(x, g):
     cols = [jnp.stack(_combine(a, [g[:, p::2, q::2] for q in range(2)])) for p in range(2)]  # [4, B, H/2, W/2, C]
     dm = jnp.stack(_combine(a, cols)).reshape(16, -1, cout)
     du = jnp.einsum("tnc,tno->tco", _input_tiles(x), dm, preferred_element_type=x.dtype)
-    gm = jnp.asarray(G, x.dtype)
-    return jnp.einsum("ay,bx,abio->yxio", gm, gm, du.reshape(4, 4, *du.shape[1:]),
-                      precision=jax.lax.Precision.HIGHEST)
+    du = du.reshape(4, 4, *du.shape[1:])
+    rows = _combine(G.T, [du[a] for a in range(4)])  # 3 x [4, Cin, Cout]
+    return jnp.stack([jnp.stack(_combine(G.T, [r[b] for b in range(4)])) for r in rows])
 
 
 @jax.custom_vjp
@@ -116,8 +128,8 @@ def _fwd(x, kernel):
 def _bwd(res, g):
     x, kernel = res
     # d/dx of a stride-1, padding-1 3x3 conv: the same conv of g with the kernel rotated 180 degrees
-    # and its in/out channels swapped.
-    dx = _forward(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
+    # and its in/out channels swapped (the swap left to the GEMM: no transposed copy).
+    dx = _forward(g, kernel[::-1, ::-1], transposed=True)
     return dx.astype(x.dtype), _kernel_grad(x, g).astype(kernel.dtype)
 
 
