@@ -28,7 +28,10 @@ same work:
     python bench/versus_torch.py --openai_repo=/path/to/improved-diffusion \
         [--modes forward,train,sample,nll] [--rounds 5] [--threads 2]
 
-Prints per mode: each side's median and min, and torch/jax (>1 means we are faster).
+Prints the float32 matmul peak of both libraries on this machine, then per
+mode: each side's median and min, torch/jax for the medians and for the
+minima (>1 means we are faster), and the model's GFLOP per unit as XLA counts
+the direct form with each side's GFLOP/s and share of its matmul peak.
 """
 
 import argparse
@@ -136,11 +139,17 @@ def torch_side(mode: str, batch: int, repo: str):
     return nll_step
 
 
-def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
-    """(callable, units): one call does `units` units of `mode`'s work with our compiled code."""
+def jax_side(mode: str, batch: int, chain: int, t_chunk: int, kernels: str = "auto", lower_only: bool = False):
+    """(callable, units): one call does `units` units of `mode`'s work with our compiled code.
+
+    With ``lower_only``: (the lowered, not compiled, computation, units), for
+    its cost analysis.
+    """
     bench_train = _load("train")
     config = bench_train.reference_config(batch, "float32", False)
     model = train_lib.make_model(config)
+    if kernels != "auto":
+        model = model.clone(kernels=kernels)
     schedule = train_lib.make_schedule(config)
     x = jax.random.randint(jax.random.key(1), (batch, 32, 32, 3), 0, 256).astype(jnp.float32) / 127.5 - 1.0
     params = train_lib.init_params(model, config, jax.random.key(0))
@@ -151,7 +160,10 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
     kw = dict(mean_type="epsilon", var_type="learned_range", clip_denoised=True)
 
     if mode == "forward":
-        f = jax.jit(apply).lower(params, x, jnp.arange(batch) * 100).compile()
+        lowered = jax.jit(apply).lower(params, x, jnp.arange(batch) * 100)
+        if lower_only:
+            return lowered, 1
+        f = lowered.compile()
         return (lambda: f(params, x, jnp.arange(batch) * 100)), 1
     if mode == "train":
         mesh = parallel.make_mesh()
@@ -161,7 +173,10 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
         step = train_steps.compile_step(mesh, model=model, schedule=schedule, spec=spec, tx=tx)
         key = parallel.replicated_key(mesh, 1)
         data = parallel.global_batch(mesh, {"image": np.asarray(x)})
-        compiled = step.lower(st["state"], data, key).compile()
+        lowered = step.lower(st["state"], data, key)
+        if lower_only:
+            return lowered, 1
+        compiled = lowered.compile()
 
         def train():
             st["state"], metrics = compiled(st["state"], data, key)
@@ -169,15 +184,49 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int):
         return train, 1
     if mode == "sample":
         respaced = schedules.make_schedule("cosine", 1000, str(chain))
-        loop = jax.jit(lambda p, k: sampling.p_sample_loop(k, lambda xx, tt, yy: apply(p, xx, tt), respaced,
-                                                            x.shape, **kw)).lower(params, jax.random.key(0)).compile()
+        lowered = jax.jit(lambda p, k: sampling.p_sample_loop(k, lambda xx, tt, yy: apply(p, xx, tt), respaced,
+                                                               x.shape, **kw)).lower(params, jax.random.key(0))
+        if lower_only:
+            return lowered, chain
+        loop = lowered.compile()
         return (lambda: loop(params, jax.random.key(0))), chain
     index = jnp.arange(batch, dtype=jnp.int32)
     chunk = jax.jit(lambda p, tc: nll.terms_at(lambda xt, tt, yy: apply(p, xt, tt), schedule, x, None, index,
                                                jnp.broadcast_to(tc, (batch, t_chunk)), jax.random.key(0), **kw))
     tc = jnp.arange(t_chunk, dtype=jnp.int32) + 500
-    compiled = chunk.lower(params, tc).compile()
+    lowered = chunk.lower(params, tc)
+    if lower_only:
+        return lowered, t_chunk
+    compiled = lowered.compile()
     return (lambda: compiled(params, tc)), t_chunk
+
+
+def model_gflop(mode: str, batch: int, chain: int, t_chunk: int) -> float | None:
+    """GFLOP per unit of `mode`'s work as XLA counts the textbook form (``kernels="xla"``: direct
+    convolutions, as OpenAI's code runs them); Winograd's saved multiply-adds are not subtracted."""
+    lowered, units = jax_side(mode, batch, chain, t_chunk, kernels="xla", lower_only=True)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) / units / 1e9 if flops else None
+
+
+def matmul_peak(torch, n: int = 2048, rounds: int = 10) -> tuple[float, float]:
+    """Best float32 GFLOP/s of an n x n matmul: (jax/XLA, torch)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    ta = torch.randn(n, n)
+    best = {"jax": float("inf"), "torch": float("inf")}
+    jax.block_until_ready(mm(a, a))
+    torch.mm(ta, ta)
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a, a))
+        best["jax"] = min(best["jax"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.mm(ta, ta)
+        best["torch"] = min(best["torch"], time.perf_counter() - t0)
+    return 2 * n**3 / best["jax"] / 1e9, 2 * n**3 / best["torch"] / 1e9
 
 
 def main(argv=None):
@@ -197,6 +246,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()} | batch {args.batch} | rounds {args.rounds}")
+    peak_jax, peak_torch = matmul_peak(torch)
+    print(f"float32 matmul peak (2048^2, best of 10): jax {peak_jax:.0f} GFLOP/s, torch {peak_torch:.0f} GFLOP/s")
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
         ours, units = jax_side(mode, args.batch, args.chain, args.t_chunk)
@@ -215,9 +266,16 @@ def main(argv=None):
             jax.block_until_ready(ours())
             times["jax"].append((time.perf_counter() - t0) / units)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{mode:8s} torch {1e3 * med['torch']:7.1f} ms (min {1e3 * min(times['torch']):7.1f}) | "
-              f"jax {1e3 * med['jax']:7.1f} ms (min {1e3 * min(times['jax']):7.1f}) | "
-              f"torch/jax {med['torch'] / med['jax']:.2f}x | jax setup+compile {setup_s:.0f} s")
+        lo = {k: min(v) for k, v in times.items()}
+        gflop = model_gflop(mode, args.batch, args.chain, args.t_chunk)
+        rate = "" if gflop is None else (
+            f" | {gflop:.1f} GFLOP (direct form): torch {gflop / med['torch']:.0f} GFLOP/s "
+            f"({gflop / med['torch'] / peak_torch:.0%} of its peak), jax {gflop / med['jax']:.0f} GFLOP/s "
+            f"({gflop / med['jax'] / peak_jax:.0%})")
+        print(f"{mode:8s} torch {1e3 * med['torch']:7.1f} ms (min {1e3 * lo['torch']:7.1f}) | "
+              f"jax {1e3 * med['jax']:7.1f} ms (min {1e3 * lo['jax']:7.1f}) | "
+              f"torch/jax median {med['torch'] / med['jax']:.2f}x, min/min {lo['torch'] / lo['jax']:.2f}x | "
+              f"jax setup+compile {setup_s:.0f} s{rate}")
 
 
 if __name__ == "__main__":
