@@ -203,7 +203,9 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int, kernels: str = "au
 
 def model_gflop(mode: str, batch: int, chain: int, t_chunk: int) -> float | None:
     """GFLOP per unit of `mode`'s work as XLA counts the textbook form (``kernels="xla"``: direct
-    convolutions, as OpenAI's code runs them); Winograd's saved multiply-adds are not subtracted."""
+    convolutions, as OpenAI's code runs them); Winograd's saved multiply-adds are not subtracted.
+    A sampling step is one forward pass: XLA's cost analysis counts a loop's body once."""
+    mode = "forward" if mode == "sample" else mode
     lowered, units = jax_side(mode, batch, chain, t_chunk, kernels="xla", lower_only=True)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
