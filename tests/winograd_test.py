@@ -22,9 +22,12 @@ def test_matches_direct_convolution_and_its_gradients(m, shape):
     g = jax.random.normal(kg, (b, h, w, cout))
     y, vjp = jax.vjp(lambda x, k: winograd.conv3x3(x, k, winograd.VARIANTS[m]), x, k)
     y_ref, vjp_ref = jax.vjp(_direct, x, k)
-    np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(y_ref))))
+    # F(2x2)'s transforms are exact in float32 (measured ~7e-7 of the largest value); F(4x4)'s G rounds
+    # (1/6, 1/24) and its entries up to 8 amplify rounding: ~5e-6 measured, bounded at 1.5e-5.
+    tol_y, tol_grad = (2e-6, 3e-6) if m == 2 else (1.5e-5, 1.5e-5)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=tol_y * float(jnp.max(jnp.abs(y_ref))))
     for got, want in zip(vjp(g), vjp_ref(g)):
-        np.testing.assert_allclose(got, want, rtol=0, atol=3e-6 * float(jnp.max(jnp.abs(want))))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol_grad * float(jnp.max(jnp.abs(want))))
 
 
 @pytest.mark.parametrize("m", [2, 4])
