@@ -142,8 +142,8 @@ def torch_side(mode: str, batch: int, repo: str):
 def jax_side(mode: str, batch: int, chain: int, t_chunk: int, kernels: str = "auto", lower_only: bool = False):
     """(callable, units): one call does `units` units of `mode`'s work with our compiled code.
 
-    With ``lower_only``: (the lowered, not compiled, computation, units), for
-    its cost analysis.
+    With ``lower_only`` (forward, train, nll): (the lowered, not compiled,
+    computation, units), for its cost analysis.
     """
     bench_train = _load("train")
     config = bench_train.reference_config(batch, "float32", False)
@@ -186,8 +186,6 @@ def jax_side(mode: str, batch: int, chain: int, t_chunk: int, kernels: str = "au
         respaced = schedules.make_schedule("cosine", 1000, str(chain))
         lowered = jax.jit(lambda p, k: sampling.p_sample_loop(k, lambda xx, tt, yy: apply(p, xx, tt), respaced,
                                                                x.shape, **kw)).lower(params, jax.random.key(0))
-        if lower_only:
-            return lowered, chain
         loop = lowered.compile()
         return (lambda: loop(params, jax.random.key(0))), chain
     index = jnp.arange(batch, dtype=jnp.int32)

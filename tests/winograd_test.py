@@ -48,7 +48,7 @@ def test_tile_size_must_divide_the_image():
 
 def test_dispatch_only_on_the_cpu_form_and_chosen_shapes(monkeypatch):
     calls = []
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, k: calls.append(x.shape) or _direct(x, k))
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, k, v: calls.append(x.shape) or _direct(x, k))
     big, small = jnp.ones((1, 16, 16, 64)), jnp.ones((1, 8, 8, 64))
     k = jnp.ones((3, 3, 64, 4))
     kernels.conv3x3(big, k, kernels="xla")

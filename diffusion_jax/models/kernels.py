@@ -281,9 +281,9 @@ def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def conv3x3(x: jax.Array, kernel: jax.Array, *, kernels: str = "auto") -> jax.Array:
     """The 3x3 stride-1 convolution with PyTorch's padding 1 (OpenAI's ``conv_nd(dims, c, c, 3, padding=1)``).
 
-    ``"cpu"``: Winograd's F(2x2, 3x3) (``models.winograd``) for the shapes
-    where it measured faster on XLA:CPU (``winograd.use_winograd``), XLA's
-    convolution for the rest. ``"xla"``: XLA's convolution.
+    ``"cpu"``: Winograd's F(4x4, 3x3) or F(2x2, 3x3) (``models.winograd``) for
+    the shapes where it measured faster on XLA:CPU (``winograd.variant``),
+    XLA's convolution for the rest. ``"xla"``: XLA's convolution.
 
     Args:
       x: [B, H, W, Cin].
@@ -292,8 +292,9 @@ def conv3x3(x: jax.Array, kernel: jax.Array, *, kernels: str = "auto") -> jax.Ar
     Returns:
       [B, H, W, Cout], no bias.
     """
-    if resolve_kernels(kernels) == "cpu" and winograd.use_winograd(x.shape, kernel.shape):
-        return winograd.conv3x3(x, kernel)
+    v = winograd.variant(x.shape, kernel.shape, x.dtype) if resolve_kernels(kernels) == "cpu" else None
+    if v is not None:
+        return winograd.conv3x3(x, kernel, v)
     return _conv3x3(x, kernel)
 
 

@@ -85,7 +85,7 @@ def _combine(m, parts):
     return out
 
 
-def transform_kernel(kernel: jax.Array, v: Variant = F2) -> jax.Array:
+def transform_kernel(kernel: jax.Array, v: Variant) -> jax.Array:
     """[3, 3, Cin, Cout] HWIO -> [(m+2)^2, Cin, Cout]: G g G^T for every (in, out) pair."""
     rows = _combine(v.G, [kernel[y] for y in range(3)])  # m+2 x [3, Cin, Cout]
     u = jnp.stack([jnp.stack(_combine(v.G, [r[x] for x in range(3)])) for r in rows])
@@ -95,7 +95,7 @@ def transform_kernel(kernel: jax.Array, v: Variant = F2) -> jax.Array:
 def variant(x_shape, kernel_shape, dtype=jnp.float32) -> Variant | None:
     """The F(m x m, 3x3) that measured fastest on XLA:CPU for this shape; None: XLA's direct convolution.
 
-    Whole-model A/B on the reference training step (README, "Kernels"):
+    Whole-model A/B on the reference training step (README, "Layout, benchmarks, kernels"):
     F(4x4) from 32x32 images up, F(2x2) at 16x16; below 256 pixels or 64
     input channels the tile transforms cost more than the multiply-adds they
     save. F(4x4) only in float32: its larger transform entries (up to 8)
